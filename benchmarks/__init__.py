@@ -1,0 +1,1 @@
+"""lp_deploy.benchmarks."""

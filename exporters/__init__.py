@@ -1,0 +1,1 @@
+"""Exporters: ONNX (with KV cache) and TensorRT engines."""

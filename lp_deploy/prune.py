@@ -1,0 +1,53 @@
+"""Delete the planned layers and put each gap's patch in front of what follows the gap."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from lp_deploy.adapters import ModelAdapter
+from lp_deploy.modules import PatchedInput, patch_of, unwrap
+from lp_deploy.selection import Gap, PruningPlan
+
+
+def apply_plan(
+    adapter: ModelAdapter, plan: PruningPlan, patches: Mapping[Gap, nn.Module | None] | None = None
+) -> None:
+    """Prune in place; a gap ending at the last layer gets its patch before the final norm."""
+    layers = list(adapter.layers)
+    if len(layers) != plan.num_layers:
+        raise ValueError(f"plan is for {plan.num_layers} layers, the model has {len(layers)}")
+    kept: list[nn.Module] = [layers[i] for i in plan.kept]
+    for gap, patch in (patches or {}).items():
+        if patch is None:
+            continue
+        pos = plan.patch_position(gap)
+        if pos < len(kept):
+            kept[pos] = PatchedInput(kept[pos], patch)
+        else:
+            adapter.set_final_norm(PatchedInput(adapter.final_norm, patch))
+    for index, layer in enumerate(kept):
+        adapter.layer_adapter(layer).set_layer_index(index)
+    adapter.set_layers(kept)
+
+
+def installed_patches(adapter: ModelAdapter) -> dict[int, nn.Module]:
+    """Patches in the model by position: layer index, or the layer count for the final norm."""
+    found = {i: p for i, layer in enumerate(adapter.layers) if (p := patch_of(layer)) is not None}
+    final = patch_of(adapter.final_norm)
+    if final is not None:
+        found[len(adapter.layers)] = final
+    return found
+
+
+def set_patch(adapter: ModelAdapter, position: int, patch: nn.Module | None) -> None:
+    """Install, replace or (``patch=None``) remove the patch at ``position``."""
+    layers = list(adapter.layers)
+    target = layers[position] if position < len(layers) else adapter.final_norm
+    new = unwrap(target) if patch is None else PatchedInput(unwrap(target), patch)
+    if position < len(layers):
+        layers[position] = new
+        adapter.set_layers(layers)
+    else:
+        adapter.set_final_norm(new)

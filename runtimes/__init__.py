@@ -1,0 +1,1 @@
+"""Runtimes behind one interface: PyTorch, ONNX Runtime, TensorRT."""
