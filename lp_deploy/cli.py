@@ -83,6 +83,59 @@ def _print_patch_summary(s: dict[str, Any], out: Path) -> None:
     print(f"wrote {out} (summary.json inside) in {s['seconds']} s")
 
 
+def _add_fold(sub: Any) -> None:
+    p = sub.add_parser("fold", help="fold the patch into the weights (rotate the residual stream)")
+    p.add_argument("patched", type=Path, help="checkpoint written by 'lp-deploy patch'")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument(
+        "--no-rotate",
+        action="store_true",
+        help="keep the patch as one explicit MatMul (no untied embeddings)",
+    )
+    p.add_argument(
+        "--calib", default=None, help="verification text (default: the calibration data)"
+    )
+    p.add_argument("--verify-samples", type=int, default=4)
+    p.add_argument("--verify-seqlen", type=int, default=256)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="max |logit diff| / max |logit| allowed against the unfolded model",
+    )
+    p.set_defaults(handler=_run_fold)
+
+
+def _run_fold(args: argparse.Namespace) -> int:
+    from lp_deploy.fold import FoldConfig, run_fold
+
+    cfg = FoldConfig(
+        patched=args.patched,
+        out=args.out,
+        rotate=not args.no_rotate,
+        calib=args.calib,
+        verify_samples=args.verify_samples,
+        verify_seqlen=args.verify_seqlen,
+        tolerance=args.tolerance,
+        progress=not args.quiet,
+    )
+    _, report = run_fold(cfg)
+    print(f"\nfold: {report.mode}" + (f" ({report.reason})" if report.reason else ""))
+    print(f"patch operations left: {report.patch_ops}")
+    delta = report.params_after - report.params_before
+    print(
+        f"parameters: {report.params_before:,} -> {report.params_after:,} ({delta:+,}"
+        + (", embeddings untied" if report.untied_embeddings else "")
+        + ")"
+    )
+    print(
+        f"verified: max |logit diff| {report.max_abs_diff:.2e} "
+        f"({report.max_rel_diff:.2e} relative, tolerance {cfg.tolerance:.0e})"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lp-deploy`` argument parser."""
     parser = argparse.ArgumentParser(prog="lp-deploy", description=__doc__)
@@ -94,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_patch]
+_COMMANDS: list[Callable[[Any], None]] = [_add_patch, _add_fold]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,172 @@
+"""Sweep: fit a patch for each number of pruned layers and chart quality against depth."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lp_deploy.adapters import get_adapter
+from lp_deploy.benchmarks.perplexity import eval_windows, model_perplexity
+from lp_deploy.calibration import calibration_windows
+from lp_deploy.fit import fit_patches
+from lp_deploy.loading import DEFAULT_MODEL, load_model
+from lp_deploy.prune import apply_plan
+from lp_deploy.selection import PruningPlan, select
+from lp_deploy.stats import collect_stats
+
+#: extra per-model evaluation: (model, tokenizer) -> metrics
+Evaluator = Callable[[nn.Module, Any], dict[str, float]]
+
+
+@dataclass
+class SweepConfig:
+    """Options of ``lp-deploy sweep``."""
+
+    model: str = DEFAULT_MODEL
+    prune: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8)
+    select: str = "cosine"
+    patches: Sequence[str] = ("none", "rotate")
+    calib: str = "wikitext-2/valid.txt"
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    ppl: str | None = "wikitext-2/test.txt"
+    ppl_seqlen: int = 512
+    ppl_limit: int | None = None
+    out: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class SweepPoint:
+    """One (n, patch kind) configuration."""
+
+    prune: int
+    patch: str
+    removed: list[int]
+    similarity: float | None
+    layers: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def parse_range(spec: str) -> list[int]:
+    """``'1..8'``, ``'1-8'``, ``'3,5,7'`` -> a list of ints."""
+    for sep in ("..", "-"):
+        if sep in spec:
+            lo, hi = spec.split(sep, 1)
+            return list(range(int(lo), int(hi) + 1))
+    return [int(x) for x in spec.split(",") if x.strip()]
+
+
+def _evaluate(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    extra: Evaluator | None,
+    tokenizer: Any,
+    progress: bool,
+    label: str,
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if windows is not None:
+        metrics["ppl"] = model_perplexity(model, windows, progress=progress, desc=f"ppl {label}")
+    if extra is not None:
+        metrics.update(extra(model, tokenizer))
+    return metrics
+
+
+def _pruned_copy(dense: Any, plan: PruningPlan, patches: dict[Any, Any]) -> nn.Module:
+    model = copy.deepcopy(dense)
+    apply_plan(get_adapter(model), plan, patches)
+    return model
+
+
+def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> dict[str, Any]:
+    """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
+    started = time.perf_counter()
+    loaded = load_model(cfg.model)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    adapter = get_adapter(dense)
+    windows = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seqlen, cfg.seed)
+    stats = collect_stats(adapter, windows, progress=cfg.progress)
+    ppl_windows = (
+        eval_windows(tokenizer, cfg.ppl, cfg.ppl_seqlen, cfg.ppl_limit) if cfg.ppl else None
+    )
+    t0 = time.perf_counter()
+    baseline = _evaluate(dense, ppl_windows, extra, tokenizer, cfg.progress, "dense")
+    points: list[SweepPoint] = []
+    for n in cfg.prune:
+        plan = select(stats, len(adapter.layers), n, cfg.select)
+        for kind in cfg.patches:
+            t = time.perf_counter()
+            model = _pruned_copy(dense, plan, fit_patches(stats, plan, kind))
+            metrics = _evaluate(model, ppl_windows, extra, tokenizer, cfg.progress, f"n={n} {kind}")
+            points.append(
+                SweepPoint(
+                    n,
+                    kind,
+                    plan.removed,
+                    plan.scores.get("similarity"),
+                    len(plan.kept),
+                    metrics,
+                    round(time.perf_counter() - t, 1),
+                )
+            )
+            del model
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "num_layers": len(adapter.layers),
+        "baseline": {"metrics": baseline, "seconds": round(time.perf_counter() - t0, 1)},
+        "points": [asdict(p) for p in points],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if cfg.out is not None:
+        write_sweep(result, Path(cfg.out))
+    return result
+
+
+def write_sweep(result: dict[str, Any], out: Path) -> None:
+    """``sweep.json`` and ``sweep.png`` (one panel per metric) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_sweep(result, out / "sweep.png")
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Metric against the number of pruned layers, one line per patch kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({m for p in result["points"] for m in p["metrics"]})
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for kind in dict.fromkeys(p["patch"] for p in result["points"]):
+            pts = [p for p in result["points"] if p["patch"] == kind and metric in p["metrics"]]
+            ax.plot(
+                [p["prune"] for p in pts], [p["metrics"][metric] for p in pts], "o-", label=kind
+            )
+        base = result["baseline"]["metrics"].get(metric)
+        if base is not None:
+            ax.axhline(base, color="grey", linestyle="--", label="dense")
+        ax.set_xlabel(f"layers pruned (of {result['num_layers']})")
+        ax.set_ylabel(metric)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"lp-deploy sweep: {result['config']['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""Fold stage: folded == unfolded on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lp_deploy.adapters import get_adapter
+from lp_deploy.errors import VerificationError
+from lp_deploy.fit import fit_patches
+from lp_deploy.fold import compare_logits, count_patch_ops, fold_model
+from lp_deploy.modules import LinearPatch, ScalePatch
+from lp_deploy.prune import apply_plan, installed_patches
+from lp_deploy.selection import make_plan
+from lp_deploy.stats import collect_stats
+
+LAYERS = 6
+PLANS = {"middle": [2, 3], "first": [0, 1], "last": [4, 5], "two": [1, 4]}
+REL_TOL = 1e-4
+VOCAB = 64  # below the tiny tokenizer's vocabulary
+
+
+Factory = Callable[..., nn.Module]
+
+
+def _patched(
+    factory: Factory, arch: str, tied: bool, removed: list[int], kind: str = "rotate"
+) -> nn.Module:
+    model = factory(arch=arch, tied=tied, num_layers=LAYERS)
+    adapter = get_adapter(model)
+    windows = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
+    stats = collect_stats(adapter, windows, progress=False)
+    plan = make_plan(LAYERS, removed, "manual")
+    apply_plan(adapter, plan, fit_patches(stats, plan, kind))
+    return model
+
+
+def _ids(n: int = 3, length: int = 20) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_fold_is_exact(tiny_model: Factory, arch: str, tied: bool, plan: str) -> None:
+    model = _patched(tiny_model, arch, tied, PLANS[plan])
+    folded = copy.deepcopy(model)
+    report = fold_model(folded)
+    assert report.mode == "rotated", report.reason
+    assert report.untied_embeddings == tied
+    gaps = len(make_plan(LAYERS, PLANS[plan], "manual").gaps)
+    assert report.patch_ops == {"matmul": 0, "per_channel_mul": gaps}
+    _, rel = compare_logits(model, folded, _ids())
+    assert rel <= REL_TOL
+    adapter = get_adapter(folded)
+    for layer in adapter.layers:
+        la = adapter.layer_adapter(layer)
+        assert torch.all(la.attn_norm.weight == 1) and torch.all(la.mlp_norm.weight == 1)
+    prompt = _ids(1, 6)
+    with torch.no_grad():
+        a = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        b = folded.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_untying_costs_one_embedding_matrix(tiny_model: Factory) -> None:
+    model = _patched(tiny_model, "llama", True, [2, 3])
+    report = fold_model(model)
+    d = 64
+    vocab = model.config.vocab_size
+    assert report.params_after - report.params_before == vocab * d - d * d + d
+
+
+def test_no_rotate_keeps_the_matmul(tiny_model: Factory) -> None:
+    model = _patched(tiny_model, "llama", True, [2, 3])
+    reference = copy.deepcopy(model)
+    report = fold_model(model, rotate=False)
+    assert report.mode == "unrotated" and "no-rotate" in (report.reason or "")
+    assert report.patch_ops == {"matmul": 1, "per_channel_mul": 0}
+    assert compare_logits(reference, model, _ids())[0] == 0.0
+
+
+def test_diag_patches_need_no_rotation(tiny_model: Factory) -> None:
+    model = _patched(tiny_model, "qwen2", False, [1, 4], kind="diag")
+    report = fold_model(model)
+    assert report.mode == "unrotated" and "diag" in (report.reason or "")
+    assert report.patch_ops == {"matmul": 0, "per_channel_mul": 2}
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma-style ``x / rms(x) * (1 + w)``: cannot be folded as a plain RMSNorm."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return x * (1.0 + self.weight)
+
+
+def test_unfoldable_norm_falls_back_to_matmul(
+    tiny_model: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _patched(tiny_model, "llama", True, [2, 3])
+    layer = get_adapter(model).layer_adapter(get_adapter(model).layers[0]).layer
+    layer.input_layernorm = OffsetRMSNorm(64)
+    with torch.no_grad():
+        layer.input_layernorm.weight.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(model)
+    report = fold_model(model)
+    assert report.mode == "unrotated"
+    assert "OffsetRMSNorm is not a plain RMSNorm" in (report.reason or "")
+    assert "cannot fold exactly" in caplog.text
+    assert report.patch_ops == {"matmul": 1, "per_channel_mul": 0}
+    assert compare_logits(reference, model, _ids())[0] == 0.0
+
+
+def test_adapter_blocker_falls_back(tiny_model: Factory) -> None:
+    model = _patched(tiny_model, "llama", False, [2, 3])
+    adapter_cls = type(get_adapter(model))
+    try:
+        adapter_cls.fold_blocker = "sandwich norms around each block"
+        report = fold_model(model)
+    finally:
+        adapter_cls.fold_blocker = None
+    assert report.mode == "unrotated" and "sandwich" in (report.reason or "")
+
+
+def test_non_diagonal_patch_stays_matmul_but_exact(tiny_model: Factory) -> None:
+    """A general (e.g. distilled) P is not diagonal after rotation: kept as H^T P H."""
+    model = _patched(tiny_model, "llama", False, [2, 3])
+    adapter = get_adapter(model)
+    ((pos, patch),) = installed_patches(adapter).items()
+    assert isinstance(patch, LinearPatch)
+    with torch.no_grad():
+        patch.weight.add_(0.01 * torch.randn(64, 64, generator=torch.Generator().manual_seed(3)))
+    folded = copy.deepcopy(model)
+    report = fold_model(folded)
+    assert report.patch_ops == {"matmul": 1, "per_channel_mul": 0}
+    assert compare_logits(model, folded, _ids())[1] <= REL_TOL
+    assert isinstance(installed_patches(get_adapter(folded))[pos], LinearPatch)
+    assert not isinstance(installed_patches(get_adapter(folded))[pos], ScalePatch)
+
+
+def test_run_fold_refuses_to_write_a_wrong_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path
+) -> None:
+    import lp_deploy.fold as fold
+
+    original = fold.rotate_model
+
+    def broken(model: nn.Module, adapter: object) -> bool:
+        untied = original(model, adapter)  # type: ignore[arg-type]
+        with torch.no_grad():
+            get_adapter(model).lm_head.weight.mul_(1.01)
+        return untied
+
+    monkeypatch.setattr(fold, "rotate_model", broken)
+    out = tmp_path / "folded"
+    with pytest.raises(VerificationError, match="nothing was written"):
+        fold.run_fold(fold.FoldConfig(patched=tiny_checkpoint, out=out, verify_seqlen=16))
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_run_fold_writes_a_reloadable_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from lp_deploy.checkpoint import load_patched
+    from lp_deploy.fold import FoldConfig, run_fold
+
+    out = tmp_path / "folded"
+    folded, report = run_fold(FoldConfig(patched=tiny_checkpoint, out=out, verify_seqlen=16))
+    reloaded = load_patched(out)
+    assert reloaded.meta["fold"]["mode"] == "rotated"
+    assert count_patch_ops(reloaded.adapter) == report.patch_ops
+    assert compare_logits(folded.model, reloaded.model, _ids())[0] <= 1e-6
+    original = load_patched(tiny_checkpoint)
+    assert compare_logits(original.model, reloaded.model, _ids())[1] <= REL_TOL
