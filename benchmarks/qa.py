@@ -27,7 +27,6 @@ from __future__ import annotations
 import bz2
 import json
 import math
-import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from lp_deploy.calibration import DATA_DIR_ENV, default_data_dir
 
 TASKS: tuple[str, ...] = (
     "piqa",
@@ -51,7 +52,6 @@ TASKS: tuple[str, ...] = (
 )
 ACC_NORM_TASKS = frozenset({"piqa", "arc_easy", "arc_challenge", "hellaswag"})
 TARGET_DELIMITER = " "  # lm-eval's default ``target_delimiter``; no task here overrides it
-DATA_DIR_ENV = "LP_DEPLOY_DATA_DIR"
 Metric = Literal["acc", "acc_norm"]
 
 
@@ -88,18 +88,6 @@ LoglikelihoodFn = Callable[[Sequence[Request]], list[float]]
 
 
 # --------------------------------------------------------------------------- data files
-
-
-def default_data_dir() -> Path:
-    """``$LP_DEPLOY_DATA_DIR``, else ``../shared/data`` from the cwd, else beside the repo."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    candidates = (
-        Path.cwd().parent / "shared" / "data",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data",
-    )
-    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def _data_file(root: Path, relative: str) -> Path:

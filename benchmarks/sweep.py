@@ -17,10 +17,11 @@ from lp_deploy.adapters import get_adapter
 from lp_deploy.benchmarks.perplexity import eval_windows, model_perplexity
 from lp_deploy.calibration import calibration_windows
 from lp_deploy.fit import fit_patches
+from lp_deploy.fold import fold_model
 from lp_deploy.loading import DEFAULT_MODEL, load_model
 from lp_deploy.prune import apply_plan
 from lp_deploy.selection import PruningPlan, select
-from lp_deploy.stats import collect_stats
+from lp_deploy.stats import ActivationStats, collect_stats
 
 #: extra per-model evaluation: (model, tokenizer) -> metrics
 Evaluator = Callable[[nn.Module, Any], dict[str, float]]
@@ -33,7 +34,7 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     prune: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8)
     select: str = "cosine"
-    patches: Sequence[str] = ("none", "rotate")
+    patches: Sequence[str] = ("none", "rotate")  # also "diag", and "rotate+fold" (folded)
     calib: str = "wikitext-2/valid.txt"
     samples: int = 32
     seqlen: int = 512
@@ -83,9 +84,16 @@ def _evaluate(
     return metrics
 
 
-def _pruned_copy(dense: Any, plan: PruningPlan, patches: dict[Any, Any]) -> nn.Module:
+FOLD_SUFFIX = "+fold"
+
+
+def _pruned_copy(dense: Any, plan: PruningPlan, stats: ActivationStats, kind: str) -> nn.Module:
+    """A pruned copy of ``dense`` with ``kind`` patches; ``'rotate+fold'`` also folds it."""
     model = copy.deepcopy(dense)
-    apply_plan(get_adapter(model), plan, patches)
+    base = kind.removesuffix(FOLD_SUFFIX)
+    apply_plan(get_adapter(model), plan, fit_patches(stats, plan, base))
+    if kind.endswith(FOLD_SUFFIX):
+        fold_model(model)
     return model
 
 
@@ -107,7 +115,7 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> dict[str, Any
         plan = select(stats, len(adapter.layers), n, cfg.select)
         for kind in cfg.patches:
             t = time.perf_counter()
-            model = _pruned_copy(dense, plan, fit_patches(stats, plan, kind))
+            model = _pruned_copy(dense, plan, stats, kind)
             metrics = _evaluate(model, ppl_windows, extra, tokenizer, cfg.progress, f"n={n} {kind}")
             points.append(
                 SweepPoint(

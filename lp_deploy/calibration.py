@@ -12,13 +12,14 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from lp_deploy.errors import LpDeployError
 
 HF_PREFIX = "hf:"
+DATA_DIR_ENV = "LP_DEPLOY_DATA_DIR"
 
 
 def default_data_dir() -> Path:
     """Evaluation data (``LP_DEPLOY_DATA_DIR``, else ``../shared/data`` beside the project)."""
-    env = os.environ.get("LP_DEPLOY_DATA_DIR")
+    env = os.environ.get(DATA_DIR_ENV)
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
         candidate = base.parent / "shared" / "data"
         if candidate.is_dir():

@@ -221,5 +221,11 @@ def load_patched(path: str | Path, dtype: torch.dtype | None = None) -> PatchedM
             )
         set_patch(adapter, pos, patch.to(dtype=next(model.parameters()).dtype))
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Without its files AutoTokenizer may silently build an empty tokenizer from model_type.
+    if not (path / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer_config.json; the checkpoint is incomplete")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {exc}") from exc
     return PatchedModel(model=model, tokenizer=tokenizer, meta=meta)

@@ -136,6 +136,265 @@ def _run_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="export to ONNX (with KV cache) or a TensorRT engine")
+    fmt = p.add_subparsers(dest="format", required=True)
+    o = fmt.add_parser("onnx", help="ONNX graph with KV cache, validated in ONNX Runtime")
+    o.add_argument("model", help="patched checkpoint dir, or alias / model dir / .gguf / hub id")
+    o.add_argument("--out", type=Path, required=True, help="output directory")
+    o.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    o.add_argument(
+        "--optimize",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        choices=[0, 1, 2],
+        help="1: ONNX Runtime fusions; 2: also ORT's offline graph optimisation",
+    )
+    o.add_argument("--opset", type=int, default=20)
+    o.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
+    o.add_argument("--text", default=None, help="validation text (default: wikitext-2 test)")
+    o.add_argument("--decode-steps", type=int, default=8)
+    o.set_defaults(handler=_run_export_onnx)
+    t = fmt.add_parser("tensorrt", help="TensorRT engine from an ONNX export (needs TensorRT)")
+    t.add_argument("onnx_dir", type=Path, help="directory written by 'lp-deploy export onnx'")
+    t.add_argument("--out", type=Path, default=None, help="engine file (default: DIR/model.plan)")
+    t.add_argument("--fp16", action="store_true")
+    t.add_argument("--max-batch", type=int, default=4)
+    t.add_argument("--max-seq", type=int, default=512)
+    t.add_argument("--max-past", type=int, default=1024)
+    t.set_defaults(handler=_run_export_tensorrt)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report
+
+    cfg = OnnxExportConfig(
+        model=args.model,
+        out=args.out,
+        dtype=args.dtype,
+        optimize=args.optimize,
+        opset=args.opset,
+        validate=not args.no_validate,
+        text=args.text,
+        decode_steps=args.decode_steps,
+    )
+    out = export_onnx(cfg)
+    r = read_report(out)
+    print(
+        f"\nexported {r['num_layers']} layers ({r['dtype']}, opset {r['opset']}) "
+        f"in {r['seconds']['total']} s, {r['onnx_bytes'] / 1e6:.1f} MB"
+    )
+    if r["fusions"]:
+        print("fusions: " + ", ".join(f"{k} x{v}" for k, v in r["fusions"].items()))
+    v = r["validation"]
+    if v:
+        print(
+            f"validated on {v['prefill_tokens']}+{v['decode_steps']} tokens: max |logit diff| "
+            f"prefill {v['prefill_logits']:.2e}, decode {v['decode_logits']:.2e}, padded "
+            f"{v['padded_batch_logits']:.2e} (tolerance {v['tolerance']:.1e})"
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_export_tensorrt(args: argparse.Namespace) -> int:
+    from lp_deploy.exporters.tensorrt import TensorRTConfig, build_engine
+
+    cfg = TensorRTConfig(
+        onnx_dir=args.onnx_dir,
+        out=args.out,
+        fp16=args.fp16,
+        max_batch=args.max_batch,
+        max_seq=args.max_seq,
+        max_past=args.max_past,
+    )
+    print(f"wrote {build_engine(cfg)}")
+    return 0
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text with a runtime")
+    p.add_argument("artifact", help="ONNX export dir (onnxruntime) or checkpoint/model (torch)")
+    p.add_argument("prompt")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from lp_deploy.runtimes import create_runtime
+
+    opts: dict[str, Any] = {"threads": args.threads}
+    if args.dtype:
+        opts["dtype"] = args.dtype
+    rt = create_runtime(args.runtime, args.artifact, **opts)
+    ids = rt.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(rt.decode(ids))
+    return 0
+
+
+def _int_list(spec: str) -> list[int]:
+    """``'128,512'`` -> [128, 512] (an argparse type)."""
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {spec!r}"
+        ) from None
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="accuracy, latency and memory: baseline vs candidates")
+    p.add_argument("--baseline", default=None, help="default: the candidate's source model")
+    p.add_argument("--candidate", action="append", required=True, help="repeatable")
+    p.add_argument(
+        "--runtime",
+        action="append",
+        default=None,
+        help="torch (default), onnxruntime, tensorrt; repeatable",
+    )
+    p.add_argument("--tasks", default=None, help="QA tasks 'piqa,arc_easy,...' or 'all'")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    p.add_argument("--ppl", default=None, help="perplexity text file")
+    p.add_argument("--ppl-limit", type=int, default=None, help="first N windows")
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--latency", action="store_true")
+    p.add_argument("--memory", action="store_true", help="peak RSS in a fresh process per case")
+    p.add_argument("--prompt-lengths", type=_int_list, default=[128, 512, 2048])
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--batch-sizes", type=_int_list, default=[1])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="QA scoring batch size")
+    p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from lp_deploy.benchmarks.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        candidates=args.candidate,
+        out=args.out,
+        baseline=args.baseline,
+        runtimes=args.runtime or ["torch"],
+        tasks=args.tasks.split(",") if args.tasks else [],
+        limit=args.limit,
+        ppl=args.ppl,
+        ppl_limit=args.ppl_limit,
+        ppl_seqlen=args.ppl_seqlen,
+        latency=args.latency,
+        memory=args.memory,
+        prompt_lengths=args.prompt_lengths,
+        decode_tokens=args.decode_tokens,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        eval_batch_size=args.eval_batch_size,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+        command=shlex.join(["lp-deploy", *sys.argv[1:]]),
+    )
+    result = run_bench(cfg)
+    print((args.out / "report.md").read_text())
+    for name, block in result["runtimes"].items():
+        if block["status"] != "ok":
+            print(f"warning: runtime {name} skipped: {block['reason']}", file=sys.stderr)
+    print(f"wrote {args.out}/report.json, report.md, {', '.join(result['plots'])}")
+    return 0
+
+
+def _add_sweep(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="quality against the number of pruned layers")
+    p.add_argument("model", help="alias (smollm2-135m), model directory, .gguf file or hub id")
+    p.add_argument("--prune", default="1..8", help="'1..8', '1-8' or '2,4,6'")
+    p.add_argument("--patches", default="none,rotate", help="comma list of none, rotate, diag")
+    p.add_argument("--select", default="cosine")
+    p.add_argument("--calib", default="wikitext-2/valid.txt")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppl", default="wikitext-2/test.txt", help="text file, or 'none'")
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--ppl-limit", type=int, default=None)
+    p.add_argument("--tasks", default=None, help="QA tasks per point ('copa,arc_easy' or 'all')")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
+    p.add_argument("--out", type=Path, required=True, help="writes sweep.json and sweep.png")
+    p.set_defaults(handler=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from lp_deploy.benchmarks.bench import parse_tasks, qa_evaluator
+    from lp_deploy.benchmarks.sweep import SweepConfig, parse_range, run_sweep
+
+    patches = [p.strip() for p in args.patches.split(",") if p.strip()]
+    bad = [p for p in patches if p not in ("none", "rotate", "diag")]
+    if bad or not patches:
+        raise ValueError(f"--patches: unknown kind(s) {bad}; choose from none, rotate, diag")
+    prune = parse_range(args.prune)
+    if not prune or min(prune) < 1:
+        raise ValueError(f"--prune needs positive layer counts, got {args.prune!r}")
+    tasks = parse_tasks(args.tasks)
+    cfg = SweepConfig(
+        model=args.model,
+        prune=prune,
+        select=args.select,
+        patches=patches,
+        calib=args.calib,
+        samples=args.samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        ppl=None if args.ppl.lower() == "none" else args.ppl,
+        ppl_seqlen=args.ppl_seqlen,
+        ppl_limit=args.ppl_limit,
+        out=args.out,
+        progress=not args.quiet,
+    )
+    extra = qa_evaluator(tasks, args.data_dir, args.limit, progress=not args.quiet)
+    result = run_sweep(cfg, extra if tasks else None)
+    _print_sweep(result)
+    print(f"wrote {args.out}/sweep.json and sweep.png in {result['seconds']} s")
+    return 0
+
+
+def _print_sweep(result: dict[str, Any]) -> None:
+    metrics = sorted({m for p in result["points"] for m in p["metrics"]})
+    cols = [(m, max(10, len(m))) for m in metrics]
+
+    def row(head: list[str], values: dict[str, float]) -> str:
+        return "  ".join([*head, *[f"{values.get(m, float('nan')):{w}.4f}" for m, w in cols]])
+
+    print("\n" + "  ".join(["pruned", "patch   ", *[f"{m:>{w}}" for m, w in cols]]))
+    print(row(["     0", "dense   "], result["baseline"]["metrics"]))
+    for p in result["points"]:
+        print(row([f"{p['prune']:6d}", f"{p['patch']:<8}"], p["metrics"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lp-deploy`` argument parser."""
     parser = argparse.ArgumentParser(prog="lp-deploy", description=__doc__)
@@ -144,10 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
+    for command in sub.choices.values():  # -q / -v also after the command ('patch ... -q')
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
 _COMMANDS: list[Callable[[Any], None]] = [_add_patch, _add_fold]
+_COMMANDS += [_add_export, _add_generate]
+_COMMANDS += [_add_bench, _add_sweep]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.quiet:  # also transformers' own bars ("Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         handler: Handler = args.handler
         return handler(args)

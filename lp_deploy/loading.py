@@ -169,6 +169,12 @@ def resolve_source(source: str) -> tuple[str, Path | str]:
                 f"the aliases: {', '.join(ALIASES)}"
             )
         return "dir", path
+    if path.is_file():
+        raise ModelSourceError(
+            f"{path} is a file but not a .gguf model; point at a Hugging Face model directory "
+            "(config.json + *.safetensors), a .gguf file, a hub id, or one of the aliases: "
+            f"{', '.join(ALIASES)}"
+        )
     looks_local = source.startswith((".", "/", "~")) or path.suffix in {".gguf", ".safetensors"}
     if looks_local or source.count("/") != 1:
         raise ModelSourceError(
@@ -200,8 +206,20 @@ def load_model(
         info["sha256"] = {location.name: sha256_file(location)}
     else:
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        if isinstance(location, Path) and not any(
+            (location / f).is_file() for f in tokenizer_files
+        ):
+            # AutoTokenizer would fail obscurely, or silently build an empty tokenizer.
+            raise ModelSourceError(
+                f"{location} has no tokenizer ({', '.join(tokenizer_files)}); save the "
+                "tokenizer beside the model (tokenizer.save_pretrained)"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        except OSError as exc:  # missing weights, unreachable or unknown hub repo, ...
+            raise ModelSourceError(f"cannot load model {source!r}: {exc}") from exc
         if kind == "dir":
             assert isinstance(location, Path)
             info["sha256"] = _dir_hashes(location)

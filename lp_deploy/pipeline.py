@@ -20,7 +20,14 @@ from lp_deploy.fit import PATCH_KINDS, fit_patches
 from lp_deploy.hadamard import hadamard_factors
 from lp_deploy.loading import DEFAULT_MODEL, load_model
 from lp_deploy.prune import apply_plan
-from lp_deploy.selection import METHODS, PruningPlan, parse_layers, select
+from lp_deploy.selection import (
+    METHODS,
+    PruningPlan,
+    check_prune_count,
+    make_plan,
+    parse_layers,
+    select,
+)
 from lp_deploy.stats import ActivationStats, collect_stats
 
 log = logging.getLogger(__name__)
@@ -101,6 +108,16 @@ def _metadata(
     }
 
 
+def _check_before_calibration(cfg: PatchConfig, adapter: ModelAdapter) -> None:
+    """Errors that only need the model's shape: raise them before minutes of calibration."""
+    if cfg.patch == "rotate":
+        hadamard_factors(adapter.hidden_size)  # unsupported size -> clear error
+    if cfg.select in METHODS and cfg.prune is not None:
+        check_prune_count(cfg.prune, len(adapter.layers))
+    else:
+        make_plan(len(adapter.layers), parse_layers(cfg.select), "manual")
+
+
 def run_patch(cfg: PatchConfig) -> PatchResult:
     """Run the whole ``patch`` stage; writes ``cfg.out`` (and ``summary.json``) when set."""
     validate_config(cfg)
@@ -108,16 +125,15 @@ def run_patch(cfg: PatchConfig) -> PatchResult:
     loaded = load_model(cfg.model, torch.float32, cfg.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
-    if cfg.patch == "rotate":
-        hadamard_factors(adapter.hidden_size)  # unsupported size -> clear error, before calibration
-    stats = calibrate(cfg, adapter, tokenizer) if _needs_stats(cfg) else None
-    plan = select(stats, len(adapter.layers), cfg.prune, cfg.select)
-    ppl: dict[str, float] = {}
+    _check_before_calibration(cfg, adapter)
     windows = (
         eval_windows(tokenizer, cfg.eval_ppl, cfg.ppl_seqlen, cfg.ppl_limit)
         if cfg.eval_ppl
         else None
     )
+    stats = calibrate(cfg, adapter, tokenizer) if _needs_stats(cfg) else None
+    plan = select(stats, len(adapter.layers), cfg.prune, cfg.select)
+    ppl: dict[str, float] = {}
     if windows is not None:
         ppl["dense"] = model_perplexity(model, windows, cfg.batch_size, cfg.progress, "ppl dense")
     patches = fit_patches(stats, plan, cfg.patch) if stats is not None else {}

@@ -66,7 +66,7 @@ class PruningPlan:
         )
 
 
-def _check_count(n: int, num_layers: int) -> None:
+def check_prune_count(n: int, num_layers: int) -> None:
     if n < 1:
         raise PruningPlanError(f"--prune must be at least 1, got {n}")
     if n >= num_layers:
@@ -86,7 +86,7 @@ def make_plan(
         raise PruningPlanError(
             f"layer indices {bad} out of range: the model has layers 0..{num_layers - 1}"
         )
-    _check_count(len(layers), num_layers)
+    check_prune_count(len(layers), num_layers)
     gaps: list[Gap] = []
     for i in layers:
         if gaps and gaps[-1].end == i:
@@ -99,7 +99,7 @@ def make_plan(
 def select_cosine(stats: ActivationStats, n: int) -> PruningPlan:
     """The block ``[i, i+n)`` maximising mean cos(state entering i, state entering i+n)."""
     num_layers = stats.num_layers
-    _check_count(n, num_layers)
+    check_prune_count(n, num_layers)
     sims = [stats.cosine(i, i + n) for i in range(num_layers - n + 1)]
     best = max(range(len(sims)), key=sims.__getitem__)
     scores = {"similarity": sims[best], "candidates": sims}
@@ -109,7 +109,7 @@ def select_cosine(stats: ActivationStats, n: int) -> PruningPlan:
 def select_bi(stats: ActivationStats, n: int) -> PruningPlan:
     """ShortGPT: the ``n`` layers with the lowest block influence ``1 - cos(in, out)``."""
     num_layers = stats.num_layers
-    _check_count(n, num_layers)
+    check_prune_count(n, num_layers)
     influence = [1.0 - stats.cosine(i, i + 1) for i in range(num_layers)]
     chosen = sorted(range(num_layers), key=influence.__getitem__)[:n]
     return make_plan(num_layers, chosen, "bi", {"block_influence": influence})
@@ -119,13 +119,18 @@ _RANGE = re.compile(r"^(\d+)\s*(?:-|:|\.\.)\s*(\d+)$")
 
 
 def parse_layers(spec: str) -> list[int]:
-    """Manual list: ``"3,4,7"``, ``"10-14"`` (inclusive), ``"10:15"`` (end-exclusive), mixed."""
+    """Manual list: ``"3,4,7"``, ``"10-14"`` or ``"10..14"`` (inclusive), ``"10:15"``."""
     layers: list[int] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         match = _RANGE.match(part)
         if match:
             lo, hi = int(match[1]), int(match[2])
-            hi = hi + 1 if "-" in part else hi
+            hi = hi if ":" in part else hi + 1  # "a-b" and "a..b" inclusive, "a:b" not
+            if hi <= lo:
+                raise PruningPlanError(
+                    f"empty layer range {part!r}: write ranges low to high, e.g. '10-14' "
+                    "(inclusive) or '10:15' (end-exclusive)"
+                )
             layers.extend(range(lo, hi))
         elif part.isdigit():
             layers.append(int(part))
