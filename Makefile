@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU machines take the local CPU wheel; GPU users run e.g. `make TORCH_SPEC=torch test`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= onnx,eval,dev
+EXTRAS ?= onnx,eval,lmeval,dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lp-deploy-installed
 OUT ?= out/demo

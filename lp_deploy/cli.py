@@ -332,7 +332,11 @@ def _add_sweep(sub: Any) -> None:
     p = sub.add_parser("sweep", help="quality against the number of pruned layers")
     p.add_argument("model", help="alias (smollm2-135m), model directory, .gguf file or hub id")
     p.add_argument("--prune", default="1..8", help="'1..8', '1-8' or '2,4,6'")
-    p.add_argument("--patches", default="none,rotate", help="comma list of none, rotate, diag")
+    p.add_argument(
+        "--patches",
+        default="none,rotate",
+        help="comma list of none, rotate, diag, rotate+fold, diag+fold",
+    )
     p.add_argument("--select", default="cosine")
     p.add_argument("--calib", default="wikitext-2/valid.txt")
     p.add_argument("--samples", type=int, default=32)
@@ -353,9 +357,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from lp_deploy.benchmarks.sweep import SweepConfig, parse_range, run_sweep
 
     patches = [p.strip() for p in args.patches.split(",") if p.strip()]
-    bad = [p for p in patches if p not in ("none", "rotate", "diag")]
+    kinds = ("none", "rotate", "diag", "rotate+fold", "diag+fold")
+    bad = [p for p in patches if p not in kinds]
     if bad or not patches:
-        raise ValueError(f"--patches: unknown kind(s) {bad}; choose from none, rotate, diag")
+        raise ValueError(f"--patches: unknown kind(s) {bad}; choose from {', '.join(kinds)}")
     prune = parse_range(args.prune)
     if not prune or min(prune) < 1:
         raise ValueError(f"--prune needs positive layer counts, got {args.prune!r}")

@@ -1,0 +1,302 @@
+"""One interface for every runtime: ``forward`` with a KV cache, ``generate``, ``loglikelihood``.
+
+A runtime only implements :meth:`BaseRuntime.forward`; sampling, generation and
+lm-eval-style log-likelihood scoring (with batching and padding) are written once here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from lp_deploy.errors import LpDeployError
+
+#: per layer ``(key, value)``, each ``[batch, kv_heads, past_sequence_length, head_dim]``
+Past = list[tuple[torch.Tensor, torch.Tensor]]
+Prompt = str | Sequence[int] | torch.Tensor
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+PADDING_SIDES = ("left", "right")
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What every runtime offers (PyTorch, ONNX Runtime, TensorRT)."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: Past | None = None,
+    ) -> tuple[torch.Tensor, Past]:
+        """float32 logits ``[batch, seq, vocab]`` and the present KV cache (past + new)."""
+        ...
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[int]:
+        """New token ids after ``prompt`` (text or ids), batch 1."""
+        ...
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], batch_size: int = 1
+    ) -> list[tuple[float, bool]]:
+        """Per ``(context, continuation)``: sum log p(continuation | context), is greedy."""
+        ...
+
+
+def parse_dtype(dtype: str | torch.dtype | None, runtime: str) -> torch.dtype | None:
+    """``'fp32'|'fp16'|'bf16'`` (or a torch dtype) -> torch dtype; a clear error otherwise."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LpDeployError(
+            f"dtype {dtype!r} is not supported by the {runtime} runtime; choose one of "
+            f"{', '.join(DTYPES)}"
+        )
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name (``fp32``) of a torch dtype."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    return str(dtype).replace("torch.", "")
+
+
+def positions_from_mask(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    """Position ids of the last ``seq - past_length`` columns of a (left or right) padded mask."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, past_length:]
+
+
+def pad_batch(
+    rows: Sequence[Sequence[int]], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Ids, attention mask and per-row offset of the first real token, padded on ``side``."""
+    if side not in PADDING_SIDES:
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
+    for i, row in enumerate(rows):
+        start = width - len(row) if side == "left" else 0
+        ids[i, start : start + len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, start : start + len(row)] = 1
+        offsets.append(start)
+    return ids, mask, offsets
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token (greedy unless ``do_sample``)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_token(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+) -> int:
+    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits.float().reshape(-1).cpu()
+    if not cfg.do_sample:
+        return int(logits.argmax())
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.numel():
+        kth = torch.topk(logits, cfg.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # mass before a token; keeps the top one
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class BaseRuntime(ABC):
+    """Shared logic over :meth:`forward`; subclasses set ``tokenizer`` and ``max_length``."""
+
+    name = "base"
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 2048
+    padding_side: str = "right"
+    eos_token_ids: tuple[int, ...] = ()
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: Past | None = None,
+    ) -> tuple[torch.Tensor, Past]:
+        """float32 logits ``[batch, seq, vocab]`` and the present KV cache (past + new)."""
+
+    # ------------------------------------------------------------------ text helpers
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, torch.Tensor):
+            ids = [int(i) for i in prompt.reshape(-1).tolist()]
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        return ids
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[int]:
+        """New token ids after ``prompt``; stops after a stop token (default: EOS)."""
+        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        ids = self._prompt_ids(prompt)
+        n = len(ids)
+        logits, past = self.forward(
+            torch.tensor([ids]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], None
+        )
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            token = next_token(logits[0, -1], cfg, gen)
+            out.append(token)
+            if token in stops or len(out) == max_new_tokens:
+                break
+            logits, past = self.forward(
+                torch.tensor([[token]]),
+                torch.ones(1, n + 1, dtype=torch.long),
+                torch.tensor([[n]]),
+                past,
+            )
+            n += 1
+        return out
+
+    # ------------------------------------------------------------------ log-likelihood
+
+    def _context_token(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.bos_token_id, tok.eos_token_id, *self.eos_token_ids):
+            if cand is not None:
+                return int(cand)
+        raise LpDeployError("an empty context needs a BOS or EOS token; the tokenizer has none")
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing context spaces move to the continuation; the
+        continuation ids are the tail of ``encode(context + continuation)``."""
+        if not context:
+            return [self._context_token()], self.encode(continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation = context[-spaces:] + continuation
+            context = context[:-spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], batch_size: int = 1
+    ) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation tokens | context) and whether each is the argmax."""
+        pairs = [self.encode_pair(c, x) for c, x in requests]
+        return self.loglikelihood_tokens(pairs, batch_size)
+
+    def loglikelihood_tokens(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 1
+    ) -> list[tuple[float, bool]]:
+        """:meth:`loglikelihood` on token ids; longest first, padded on ``padding_side``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rows: list[tuple[list[int], list[int]]] = []
+        for ctx, cont in pairs:
+            whole = [*ctx, *cont][-(self.max_length + 1) :]
+            rows.append((whole[:-1], list(cont)))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: dict[int, tuple[float, bool]] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            scored = self._score_batch([rows[i] for i in chunk])
+            results.update(zip(chunk, scored, strict=True))
+        return [results[i] for i in range(len(rows))]
+
+    def _score_batch(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        pad = self.tokenizer.pad_token_id
+        ids, mask, offsets = pad_batch(
+            [inp for inp, _ in rows], 0 if pad is None else int(pad), self.padding_side
+        )
+        logits, _ = self.forward(ids, mask, positions_from_mask(mask), None)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out = []
+        for i, (inp, cont) in enumerate(rows):
+            if not cont:
+                out.append((0.0, True))
+                continue
+            end = offsets[i] + len(inp)
+            rows_lp = logprobs[i, end - len(cont) : end]
+            target = torch.tensor(cont, device=rows_lp.device)
+            total = float(rows_lp.gather(-1, target[:, None]).sum())
+            greedy = bool((rows_lp.argmax(-1) == target).all())
+            out.append((total, greedy))
+        return out
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any | None) -> tuple[int, ...]:
+    """EOS ids from the generation config (int or list), else the tokenizer."""
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))

@@ -1,0 +1,270 @@
+"""Runtimes behind one interface: torch and ONNX Runtime agree; padding, sampling, scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lp_deploy.cli import main
+from lp_deploy.errors import LpDeployError, ModelSourceError
+from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
+from lp_deploy.runtimes import BaseRuntime, Runtime, create_runtime
+from lp_deploy.runtimes.base import SamplingConfig, next_token, pad_batch, positions_from_mask
+from lp_deploy.runtimes.ort_runtime import OrtRuntime
+from lp_deploy.runtimes.torch_runtime import TorchRuntime
+
+PROMPT = "the city of the river was built in the early year"
+REQUESTS = [
+    ("the city of", " the river"),
+    ("", "school game film"),
+    ("a new song ", "was released"),
+    ("the first team of the season played in the north", " ."),
+    ("music", " and film"),
+]
+
+
+@pytest.fixture(scope="module")
+def dense_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dense-onnx") / "onnx"
+    return export_onnx(OnnxExportConfig(model=str(tiny_model_dir), out=out, decode_steps=2))
+
+
+@pytest.fixture(scope="module")
+def ort_rt(dense_export: Path) -> BaseRuntime:
+    return create_runtime("onnxruntime", dense_export, threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_rt(tiny_model_dir: Path) -> BaseRuntime:
+    return create_runtime("torch", tiny_model_dir)
+
+
+@pytest.fixture(params=["torch", "onnxruntime"])
+def runtime(
+    request: pytest.FixtureRequest, ort_rt: BaseRuntime, torch_rt: BaseRuntime
+) -> BaseRuntime:
+    return torch_rt if request.param == "torch" else ort_rt
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 128, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def test_both_implement_the_protocol(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+    assert isinstance(ort_rt, Runtime) and isinstance(torch_rt, Runtime)
+    assert isinstance(ort_rt, OrtRuntime) and isinstance(torch_rt, TorchRuntime)
+
+
+def test_forward_with_cache_matches(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+    ids = _ids(24)[None]
+    pos = torch.arange(20)[None]
+    results = []
+    for rt in (ort_rt, torch_rt):
+        logits, past = rt.forward(ids[:, :20], torch.ones(1, 20, dtype=torch.long), pos, None)
+        steps = [logits]
+        for k in range(20, 24):
+            mask = torch.ones(1, k + 1, dtype=torch.long)
+            logits, past = rt.forward(ids[:, k : k + 1], mask, torch.tensor([[k]]), past)
+            steps.append(logits)
+        assert len(past) == 8 and past[0][0].shape == (1, 2, 24, 16)
+        results.append((torch.cat(steps, 1), past))
+    (a, pa), (b, pb) = results
+    assert a.dtype == torch.float32 and a.shape == (1, 24, 128)
+    assert (a - b).abs().max() < 1e-4
+    assert max((x - y).abs().max() for (x, _), (y, _) in zip(pa, pb, strict=True)) < 1e-4
+
+
+def test_left_padded_batch_equals_single_rows(runtime: BaseRuntime) -> None:
+    rows = [_ids(9, 1).tolist(), _ids(16, 2).tolist()]
+    ids, mask, offsets = pad_batch(rows, 0, "left")
+    logits, past = runtime.forward(ids, mask, positions_from_mask(mask), None)
+    nxt = torch.tensor([[5], [6]])
+    for _ in range(3):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        step, past = runtime.forward(nxt, mask, positions_from_mask(mask)[:, -1:], past)
+        logits = torch.cat([logits, step], 1)
+    for i, row in enumerate(rows):
+        full = torch.tensor([[*row, 5 + i, 5 + i, 5 + i]])
+        single, _ = runtime.forward(full, torch.ones_like(full), torch.arange(full.shape[1])[None])
+        got = logits[i, offsets[i] :]
+        assert got.shape == single[0].shape
+        assert (got - single[0]).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_greedy_generation_matches_transformers(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+    assert isinstance(torch_rt, TorchRuntime)
+    prompt = torch_rt.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        hf = torch_rt.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    expected = hf[0, len(prompt) :].tolist()
+    for rt in (torch_rt, ort_rt):
+        assert rt.generate(PROMPT, max_new_tokens=16, stop_token_ids=[]) == expected
+    assert ort_rt.generate(prompt, max_new_tokens=16, stop_token_ids=[]) == expected
+
+
+def test_stop_token_ends_generation(runtime: BaseRuntime) -> None:
+    first = runtime.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+    assert len(first) == 4
+    assert runtime.generate(PROMPT, max_new_tokens=4, stop_token_ids=[first[1]]) == first[:2]
+    assert runtime.generate(PROMPT, max_new_tokens=0) == []
+
+
+def test_seeded_sampling(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+    kw = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "stop_token_ids": []}
+    a = torch_rt.generate(PROMPT, seed=3, **kw)
+    assert a == torch_rt.generate(PROMPT, seed=3, **kw) == ort_rt.generate(PROMPT, seed=3, **kw)
+    assert a != torch_rt.generate(PROMPT, seed=4, **kw)
+    greedy = torch_rt.generate(PROMPT, max_new_tokens=12, stop_token_ids=[])
+    assert torch_rt.generate(PROMPT, seed=5, top_k=1, **kw) == greedy
+    assert torch_rt.generate(PROMPT, seed=5, top_p=1e-6, **kw) == greedy
+
+
+def test_next_token_filters() -> None:
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    assert next_token(logits, SamplingConfig()) == 1
+    topk = SamplingConfig(do_sample=True, top_k=2)
+    assert {next_token(logits, topk, gen) for _ in range(200)} == {1, 2}
+    topp = SamplingConfig(do_sample=True, top_p=0.5)
+    assert {next_token(logits, topp, gen) for _ in range(200)} <= {1, 2}
+    for bad in ({"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            SamplingConfig(do_sample=True, **bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- loglikelihood
+
+
+def _manual_loglikelihood(rt: TorchRuntime, context: str, continuation: str) -> tuple[float, bool]:
+    ctx, cont = rt.encode_pair(context, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logits = rt.model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[len(ctx) - 1 : -1]
+    target = torch.tensor(cont)
+    return float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())
+
+
+def test_loglikelihood_matches_manual_and_is_batch_invariant(
+    ort_rt: BaseRuntime, torch_rt: BaseRuntime
+) -> None:
+    assert isinstance(torch_rt, TorchRuntime)
+    expected = [_manual_loglikelihood(torch_rt, c, x) for c, x in REQUESTS]
+    for rt in (torch_rt, ort_rt):
+        for side in ("left", "right"):
+            rt.padding_side = side
+            for bs in (1, 3, 8):
+                got = rt.loglikelihood(REQUESTS, batch_size=bs)
+                assert len(got) == len(REQUESTS)
+                for (lp, greedy), (want_lp, want_greedy) in zip(got, expected, strict=True):
+                    assert lp == pytest.approx(want_lp, abs=1e-3)
+                    assert greedy == want_greedy
+        rt.padding_side = "right"
+    assert all(lp < 0 for lp, _ in expected)
+
+
+def test_encode_pair_follows_lm_eval(torch_rt: BaseRuntime) -> None:
+    ctx, cont = torch_rt.encode_pair("a new song ", "was released")
+    assert torch_rt.decode(cont).strip() == "was released"
+    assert torch_rt.decode(ctx) == "a new song"
+    ctx, cont = torch_rt.encode_pair("", "the city")
+    assert ctx == [torch_rt.tokenizer.bos_token_id] and len(cont) == 2
+
+
+def test_greedy_continuation_is_flagged(torch_rt: BaseRuntime) -> None:
+    ids = torch_rt.encode(PROMPT)
+    new = torch_rt.generate(ids, max_new_tokens=3, stop_token_ids=[])
+    [(lp, greedy)] = torch_rt.loglikelihood_tokens([(ids, new)])
+    assert greedy and lp <= 0
+    [(_, not_greedy)] = torch_rt.loglikelihood_tokens([(ids, [(new[0] + 1) % 128])])
+    assert not not_greedy
+
+
+# --------------------------------------------------------------------------- registry / errors
+
+
+def test_unknown_runtime_name(dense_export: Path) -> None:
+    with pytest.raises(LpDeployError, match=r"unknown runtime 'tvm'.*torch, onnxruntime, tensorrt"):
+        create_runtime("tvm", dense_export)
+
+
+def test_wrong_artifact_kind(dense_export: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LpDeployError, match=r"has no model\.onnx.*lp-deploy export onnx"):
+        create_runtime("onnxruntime", tiny_model_dir)
+    with pytest.raises(LpDeployError, match="does not exist"):
+        create_runtime("onnxruntime", tmp_path / "missing")
+    with pytest.raises(ModelSourceError, match=r"ONNX export.*onnxruntime"):
+        create_runtime("torch", dense_export)
+
+
+def test_tensorrt_runtime_needs_tensorrt(dense_export: Path) -> None:
+    import onnxruntime
+
+    if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("TensorRT execution provider present")
+    with pytest.raises(LpDeployError, match="TensorRT is not installed"):
+        create_runtime("tensorrt", dense_export)
+
+
+def test_unsupported_dtypes(dense_export: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(LpDeployError, match=r"this export is fp32.*--dtype fp16"):
+        create_runtime("onnxruntime", dense_export, dtype="fp16")
+    with pytest.raises(LpDeployError, match="dtype 'int8' is not supported by the onnxruntime"):
+        create_runtime("onnxruntime", dense_export, dtype="int8")
+    with pytest.raises(LpDeployError, match="dtype 'int4' is not supported by the torch"):
+        create_runtime("torch", tiny_model_dir, dtype="int4")
+    with pytest.raises(LpDeployError, match="not available"):
+        create_runtime("onnxruntime", dense_export, providers=["NoSuchExecutionProvider"])
+
+
+def test_torch_runtime_dtype_option(tiny_model_dir: Path) -> None:
+    rt = create_runtime("torch", tiny_model_dir, dtype="bf16")
+    assert isinstance(rt, TorchRuntime) and rt.dtype == torch.bfloat16
+    assert len(rt.generate(PROMPT, max_new_tokens=3, stop_token_ids=[])) == 3
+
+
+def test_cli_generate(
+    dense_export: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = []
+    for name, artifact in (("onnxruntime", dense_export), ("torch", tiny_model_dir)):
+        code = main(
+            [
+                "-q",
+                "generate",
+                str(artifact),
+                "--runtime",
+                name,
+                "--max-new-tokens",
+                "6",
+                "--threads",
+                "1",
+                PROMPT,
+            ]
+        )
+        assert code == 0
+        texts.append(capsys.readouterr().out.strip())
+    assert texts[0] == texts[1] and texts[0]
+    assert main(["-q", "generate", str(tiny_model_dir), "--runtime", "onnxruntime", "x"]) == 2
+    assert "has no model.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tiny_model_dir: Path, torch_rt: BaseRuntime) -> None:
+    compiled = create_runtime("torch", tiny_model_dir, compile=True)
+    want = torch_rt.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+    assert compiled.generate(PROMPT, max_new_tokens=4, stop_token_ids=[]) == want
