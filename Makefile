@@ -10,7 +10,11 @@ OUT ?= out/demo
 DATA_DIR ?= ../shared/data
 export LP_DEPLOY_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: venv test test-fast lint demo clean
+# Separate environment for the ecosystem check (optimum-onnx pins transformers<4.58).
+COMPAT ?= .venv-compat
+COMPAT_STAMP := $(COMPAT)/.lp-deploy-installed
+
+.PHONY: venv compat test test-fast lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +22,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
+$(COMPAT_STAMP): Makefile
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(COMPAT)/bin/pip install --quiet "transformers==4.57.6" "optimum-onnx==0.1.0" onnxruntime
+	touch $@
+
 venv: $(STAMP)
 
-test: $(STAMP)
+compat: $(COMPAT_STAMP)
+
+test: $(STAMP) $(COMPAT_STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)
@@ -31,10 +43,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy lp_deploy exporters runtimes benchmarks
 
+# The whole pipeline on the built-in model; one torch/ORT thread keeps timings stable on
+# shared machines (THREADS=2 ... to change).
+THREADS ?= 1
 demo: $(STAMP)
-	$(BIN)/lp-deploy patch smollm2-135m --prune 5 --select cosine --patch rotate \
-		--calib wikitext-2/valid.txt --samples 32 --seqlen 512 --seed 0 \
-		--eval-ppl wikitext-2/test.txt --ppl-limit 32 --out $(OUT)/patched
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/lp-deploy patch smollm2-135m --prune 5 --select cosine \
+		--patch rotate --calib wikitext-2/valid.txt --samples 32 --seqlen 512 --seed 0 \
+		--eval-ppl wikitext-2/test.txt --ppl-limit 16 --out $(OUT)/patched
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/lp-deploy fold $(OUT)/patched --out $(OUT)/folded
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/lp-deploy export onnx $(OUT)/folded --out $(OUT)/onnx
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/lp-deploy generate $(OUT)/onnx --runtime onnxruntime \
+		--max-new-tokens 24 "The history of the city of Paris"
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/lp-deploy bench --candidate $(OUT)/folded \
+		--runtime torch --runtime onnxruntime --tasks copa,arc_easy,piqa --limit 40 \
+		--ppl wikitext-2/test.txt --ppl-limit 8 --latency --prompt-lengths 128 \
+		--decode-tokens 16 --repeats 3 --memory --threads $(THREADS) --out $(OUT)/report
+	@echo "report: $(OUT)/report/report.md (plots: $(OUT)/report/*.png)"
 
 clean:
-	rm -rf $(VENV) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache

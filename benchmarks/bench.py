@@ -38,8 +38,8 @@ from lp_deploy.benchmarks.qa import (
 from lp_deploy.calibration import resolve_text_path
 from lp_deploy.checkpoint import META_KEY
 from lp_deploy.errors import LpDeployError
-from lp_deploy.loading import ALIASES
-from lp_deploy.runtimes import RUNTIMES, BaseRuntime, create_runtime
+from lp_deploy.loading import ALIASES, alias_dir
+from lp_deploy.runtimes import RUNTIMES, BaseRuntime, create_runtime, unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,7 @@ def disk_bytes(source: str | Path) -> int | None:
     """Bytes on disk of a model file or directory (an alias: its cached copy); None if unknown."""
     name = str(source)
     if name in ALIASES and not Path(name).exists():
-        from lp_deploy.loading import _alias_dir
-
-        return disk_bytes(_alias_dir(name))
+        return disk_bytes(alias_dir(name))
     path = Path(name).expanduser()
     if path.is_file():
         return path.stat().st_size
@@ -286,18 +284,6 @@ def runtime_options(runtime: str, cfg: BenchConfig) -> dict[str, Any]:
     if runtime == "torch":
         opts["device"] = cfg.device
     return opts
-
-
-def runtime_unavailable(runtime: str) -> str | None:
-    """Why ``runtime`` cannot run here (e.g. TensorRT not installed), else None."""
-    if runtime == "torch":
-        return None
-    try:
-        create_runtime(runtime, Path("/nonexistent/lp-deploy-probe"))
-    except LpDeployError as exc:
-        message = str(exc)
-        return message if "not installed" in message else None
-    return None
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -605,7 +591,7 @@ def bench_runtime(
     baseline = specs[0].name
     block: dict[str, Any] = {"runtime": runtime, "status": "ok", "reason": None}
     block.update(baseline=baseline, models={}, latency=[])
-    reason = runtime_unavailable(runtime)
+    reason = unavailable_reason(runtime)
     if reason:
         return _skip(block, reason)
     loaded = _load_all(runtime, specs, cfg, block)

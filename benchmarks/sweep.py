@@ -154,6 +154,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = sorted({m for p in result["points"] for m in p["metrics"]})
     if not metrics:
@@ -168,6 +169,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
         base = result["baseline"]["metrics"].get(metric)
         if base is not None:
             ax.axhline(base, color="grey", linestyle="--", label="dense")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"layers pruned (of {result['num_layers']})")
         ax.set_ylabel(metric)
         if metric == "ppl":

@@ -133,8 +133,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tokenizer
 
 
-def _alias_dir(name: str) -> Path:
-    """Cached safetensors copy of an alias (GGUF parsing takes ~15 s; this loads in < 1 s)."""
+def alias_dir(name: str) -> Path:
+    """Cached safetensors copy of an alias, made on first use (GGUF parsing takes ~15 s)."""
     spec = ALIASES[name]
     out = cache_dir() / "models" / f"{name}-{spec.sha256[:12]}"
     if (out / "model.safetensors").is_file():
@@ -194,7 +194,7 @@ def load_model(
     info: dict[str, Any] = {"source": source, "kind": kind}
     if kind == "alias":
         spec = ALIASES[source]
-        location = _alias_dir(source)
+        location = alias_dir(source)
         info.update(
             package=f"{spec.package}=={spec.version}",
             file=Path(spec.member).name,

@@ -21,7 +21,14 @@ from lp_deploy.errors import LpDeployError
 
 from .base import BaseRuntime, Past, Runtime
 
-__all__ = ["RUNTIMES", "BaseRuntime", "Past", "Runtime", "create_runtime"]
+__all__ = [
+    "RUNTIMES",
+    "BaseRuntime",
+    "Past",
+    "Runtime",
+    "create_runtime",
+    "unavailable_reason",
+]
 
 
 def _torch(artifact: Path, **opts: Any) -> BaseRuntime:
@@ -43,16 +50,27 @@ def _onnxruntime(artifact: Path, **opts: Any) -> BaseRuntime:
     return OrtRuntime(artifact, **_ort_opts(opts))
 
 
-def _tensorrt(artifact: Path, **opts: Any) -> BaseRuntime:
-    from .ort_runtime import CPU, CUDA, TENSORRT, OrtRuntime, import_ort
+def unavailable_reason(name: str) -> str | None:
+    """Why runtime ``name`` cannot run on this machine (e.g. TensorRT missing), else None."""
+    if name in ("torch", "onnxruntime", "ort"):
+        return None
+    from .ort_runtime import TENSORRT, import_ort
 
-    ort = import_ort()
-    if TENSORRT not in ort.get_available_providers():
-        raise LpDeployError(
+    providers = import_ort().get_available_providers()
+    if TENSORRT not in providers:
+        return (
             "TensorRT is not installed: pip install tensorrt onnxruntime-gpu on a machine with "
-            "an NVIDIA GPU (this onnxruntime offers "
-            f"{', '.join(ort.get_available_providers())})"
+            f"an NVIDIA GPU (this onnxruntime offers {', '.join(providers)})"
         )
+    return None
+
+
+def _tensorrt(artifact: Path, **opts: Any) -> BaseRuntime:
+    from .ort_runtime import CPU, CUDA, TENSORRT, OrtRuntime
+
+    reason = unavailable_reason("tensorrt")
+    if reason:
+        raise LpDeployError(reason)
     opts.setdefault("providers", [TENSORRT, CUDA, CPU])
     return OrtRuntime(artifact, **_ort_opts(opts))
 
