@@ -15,8 +15,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -31,6 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy import __version__
+from lp_deploy.atomic import atomic_dir
 from lp_deploy.calibration import default_data_dir, tokenize_text
 from lp_deploy.checkpoint import META_KEY
 from lp_deploy.errors import LpDeployError, VerificationError
@@ -483,16 +482,6 @@ def _check_out(out: Path, source: str) -> None:
         raise LpDeployError(f"--out {out} exists and is not an ONNX export; refusing to replace it")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _export_meta(
     loaded: LoadedSource, cfg: OnnxExportConfig, layout: tuple[int, ...]
 ) -> dict[str, Any]:
@@ -559,15 +548,9 @@ def export_onnx(cfg: OnnxExportConfig) -> Path:
     started = time.perf_counter()
     loaded = _load(cfg)
     out = Path(cfg.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         report = _build(loaded, cfg, tmp, started)
         (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s in %.1f s", out, time.perf_counter() - started)
     return out
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy import __version__
 from lp_deploy.adapters import ModelAdapter, get_adapter
+from lp_deploy.atomic import atomic_dir
 from lp_deploy.errors import CheckpointError
 from lp_deploy.modules import LinearPatch, ScalePatch
 from lp_deploy.prune import installed_patches, set_patch
@@ -100,8 +98,7 @@ def save_patched(
     config = copy.deepcopy(model.config)
     full_meta = {**meta, "patches": records, "toolkit_version": __version__}
     setattr(config, META_KEY, full_meta)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if model.generation_config is not None:
@@ -109,21 +106,7 @@ def save_patched(
         tokenizer.save_pretrained(tmp)
         for name, data in (extra or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def read_meta(path: Path) -> dict[str, Any]:

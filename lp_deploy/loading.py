@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from lp_deploy.atomic import atomic_dir
 from lp_deploy.errors import ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,9 @@ def alias_dir(name: str) -> Path:
         return out
     gguf = fetch_alias_gguf(name)
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else cache_dir()))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
