@@ -14,7 +14,7 @@ export LP_DEPLOY_DATA_DIR ?= $(abspath $(DATA_DIR))
 COMPAT ?= .venv-compat
 COMPAT_STAMP := $(COMPAT)/.lp-deploy-installed
 
-.PHONY: venv compat test test-fast lint demo clean
+.PHONY: venv compat test test-all test-fast lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ venv: $(STAMP)
 compat: $(COMPAT_STAMP)
 
 test: $(STAMP) $(COMPAT_STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not heavy"
+
+test-all: $(STAMP) $(COMPAT_STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)

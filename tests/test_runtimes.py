@@ -263,7 +263,7 @@ def test_cli_generate(
     assert "has no model.onnx" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~2 min of compilation on 2 CPU cores: `make test-all`
 def test_torch_compile_matches_eager(tiny_model_dir: Path, torch_rt: BaseRuntime) -> None:
     compiled = create_runtime("torch", tiny_model_dir, compile=True)
     want = torch_rt.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
