@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from lp_deploy.adapters import get_adapter
+from lp_deploy.benchmarks.flops import profile_model
+from lp_deploy.benchmarks.latency import measure_interleaved, ratios
 from lp_deploy.benchmarks.perplexity import eval_windows, model_perplexity
 from lp_deploy.calibration import calibration_windows
 from lp_deploy.fit import fit_patches
@@ -44,6 +46,10 @@ class SweepConfig:
     ppl_limit: int | None = None
     out: Path | None = None
     progress: bool = True
+    latency: bool = False  # time prompt + greedy decode against dense, interleaved
+    latency_prompt: int = 64
+    latency_tokens: int = 16
+    latency_repeats: int = 3
 
 
 @dataclass
@@ -87,6 +93,37 @@ def _evaluate(
 FOLD_SUFFIX = "+fold"
 
 
+def _generation_fn(model: Any, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
+    """Prefill ``prompt`` then ``steps`` greedy single-token steps with the KV cache."""
+
+    @torch.no_grad()
+    def run() -> None:
+        out = model(input_ids=prompt, use_cache=True)
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+
+    return run
+
+
+def latency_metrics(dense: Any, model: Any, cfg: SweepConfig) -> dict[str, float]:
+    """Generation-time ratio vs dense (measured interleaved) and the FLOP-ideal ratio."""
+    vocab = int(dense.config.vocab_size)
+    prompt = torch.randint(
+        0, vocab, (1, cfg.latency_prompt), generator=torch.Generator().manual_seed(0)
+    )
+    cases = {
+        "dense": _generation_fn(dense, prompt, cfg.latency_tokens),
+        "model": _generation_fn(model, prompt, cfg.latency_tokens),
+    }
+    timings = measure_interleaved(cases, repeats=cfg.latency_repeats, warmup=1)
+    flops = [profile_model(m).prefill(cfg.latency_prompt) for m in (dense, model)]
+    return {
+        "gen_time_ratio": ratios(timings, "dense")["model"],
+        "flop_ratio": flops[1] / flops[0],
+    }
+
+
 def _pruned_copy(dense: Any, plan: PruningPlan, stats: ActivationStats, kind: str) -> nn.Module:
     """A pruned copy of ``dense`` with ``kind`` patches; ``'rotate+fold'`` also folds it."""
     model = copy.deepcopy(dense)
@@ -110,6 +147,8 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> dict[str, Any
     )
     t0 = time.perf_counter()
     baseline = _evaluate(dense, ppl_windows, extra, tokenizer, cfg.progress, "dense")
+    if cfg.latency:
+        baseline.update(gen_time_ratio=1.0, flop_ratio=1.0)
     points: list[SweepPoint] = []
     for n in cfg.prune:
         plan = select(stats, len(adapter.layers), n, cfg.select)
@@ -117,6 +156,8 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> dict[str, Any
             t = time.perf_counter()
             model = _pruned_copy(dense, plan, stats, kind)
             metrics = _evaluate(model, ppl_windows, extra, tokenizer, cfg.progress, f"n={n} {kind}")
+            if cfg.latency:
+                metrics.update(latency_metrics(dense, model, cfg))
             points.append(
                 SweepPoint(
                     n,

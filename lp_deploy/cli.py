@@ -348,6 +348,11 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--tasks", default=None, help="QA tasks per point ('copa,arc_easy' or 'all')")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task")
     p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="also time prompt + greedy decode of each point against dense (interleaved)",
+    )
     p.add_argument("--out", type=Path, required=True, help="writes sweep.json and sweep.png")
     p.set_defaults(handler=_run_sweep)
 
@@ -379,6 +384,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         ppl_limit=args.ppl_limit,
         out=args.out,
         progress=not args.quiet,
+        latency=args.latency,
     )
     extra = qa_evaluator(tasks, args.data_dir, args.limit, progress=not args.quiet)
     result = run_sweep(cfg, extra if tasks else None)

@@ -391,3 +391,22 @@ def test_cli_sweep_bad_input(
     argv = ["-q", "sweep", str(tiny_model_dir), "--out", str(tmp_path / "s"), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_sweep_latency_and_folded_points(
+    tmp_path: Path, tiny_model_dir: Path, text_file: Path
+) -> None:
+    out = tmp_path / "sweep"
+    argv = ["-q", "sweep", str(tiny_model_dir), "--prune", "2", "--patches", "rotate,rotate+fold"]
+    argv += ["--calib", str(text_file), "--samples", "4", "--seqlen", "32", "--latency"]
+    argv += ["--ppl", str(text_file), "--ppl-seqlen", "32", "--ppl-limit", "2", "--out", str(out)]
+    assert main(argv) == 0
+    data = strict_json(out / "sweep.json")
+    base = data["baseline"]["metrics"]
+    assert base["gen_time_ratio"] == 1.0 and base["flop_ratio"] == 1.0
+    rotate, folded = data["points"]
+    for point in (rotate, folded):
+        assert point["metrics"]["gen_time_ratio"] > 0
+        assert 0 < point["metrics"]["flop_ratio"] < 1  # 6 of 8 layers remain
+    # folding is exact, so it must not move perplexity
+    assert folded["metrics"]["ppl"] == pytest.approx(rotate["metrics"]["ppl"], rel=1e-4)
