@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class FoldReport:
     patch_ops: dict[str, int]
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 def count_params(model: nn.Module) -> int:
