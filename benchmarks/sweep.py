@@ -200,8 +200,12 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     metrics = sorted({m for p in result["points"] for m in p["metrics"]})
     if not metrics:
         return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         for kind in dict.fromkeys(p["patch"] for p in result["points"]):
             pts = [p for p in result["points"] if p["patch"] == kind and metric in p["metrics"]]
             ax.plot(
