@@ -10,7 +10,6 @@ written by :mod:`lp_deploy.benchmarks.report` (``report.json``, ``report.md``, p
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import time
@@ -36,8 +35,8 @@ from lp_deploy.benchmarks.qa import (
     retained_performance,
 )
 from lp_deploy.calibration import resolve_text_path
-from lp_deploy.checkpoint import META_KEY
-from lp_deploy.errors import LpDeployError
+from lp_deploy.checkpoint import META_KEY, config_meta
+from lp_deploy.errors import CheckpointError, LpDeployError
 from lp_deploy.loading import ALIASES, alias_dir
 from lp_deploy.runtimes import RUNTIMES, BaseRuntime, create_runtime, unavailable_reason
 
@@ -196,14 +195,10 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
 
 def read_lp_meta(path: str | Path) -> dict[str, Any]:
     """The ``lp_deploy`` section of a directory's config.json ({} when there is none)."""
-    cfg = Path(path).expanduser() / "config.json"
-    if not cfg.is_file():
-        return {}
     try:
-        meta = json.loads(cfg.read_text()).get(META_KEY)
-    except (json.JSONDecodeError, AttributeError):
+        return config_meta(path) or {}
+    except CheckpointError:
         return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def default_baseline(candidate: Path) -> str:

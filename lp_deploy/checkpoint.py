@@ -109,6 +109,29 @@ def save_patched(
     return out
 
 
+def _read_config(cfg_file: Path) -> dict[str, Any]:
+    """A config.json as a dict; :class:`CheckpointError` when it is not valid JSON."""
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{cfg_file} is not valid JSON ({exc}); the checkpoint is corrupt"
+        ) from exc
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def config_meta(path: str | Path) -> dict[str, Any] | None:
+    """The unvalidated ``lp_deploy`` section of ``path/config.json``, or None when absent.
+
+    Raises :class:`CheckpointError` when config.json exists but is not valid JSON.
+    """
+    cfg_file = Path(path).expanduser() / "config.json"
+    if not cfg_file.is_file():
+        return None
+    meta = _read_config(cfg_file).get(META_KEY)
+    return meta if isinstance(meta, dict) else None
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """The ``lp_deploy`` section of a checkpoint's config.json (validated)."""
     path = Path(path)
@@ -118,12 +141,7 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"{path} is not a patched checkpoint (no config.json); create one with "
             "'lp-deploy patch'"
         )
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"{cfg_file} is not valid JSON ({exc}); the checkpoint is corrupt"
-        ) from exc
+    cfg = _read_config(cfg_file)
     meta = cfg.get(META_KEY)
     if not isinstance(meta, dict) or "plan" not in meta:
         raise CheckpointError(

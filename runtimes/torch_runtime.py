@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -11,8 +10,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lp_deploy.checkpoint import META_KEY, load_patched
-from lp_deploy.errors import ModelSourceError
+from lp_deploy.checkpoint import config_meta, load_patched
+from lp_deploy.errors import CheckpointError, ModelSourceError
 from lp_deploy.loading import load_model
 
 from .base import BaseRuntime, Past, eos_ids, parse_dtype
@@ -31,15 +30,10 @@ class LoadedSource:
 
 
 def _config_meta(path: Path) -> dict[str, Any] | None:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return None
     try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{cfg} is not valid JSON ({exc})") from exc
-    meta = data.get(META_KEY) if isinstance(data, dict) else None
-    return meta if isinstance(meta, dict) else None
+        return config_meta(path)
+    except CheckpointError as exc:
+        raise ModelSourceError(str(exc)) from exc
 
 
 def load_source(source: str | Path, dtype: torch.dtype | None = None) -> LoadedSource:
