@@ -9,6 +9,7 @@ written by :mod:`lp_deploy.benchmarks.report` (``report.json``, ``report.md``, p
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -21,10 +22,20 @@ from typing import Any
 
 import torch
 
+from lp_deploy.artifacts import (
+    CONFIG_FILE,
+    META_KEY,
+    Artifact,
+    Kind,
+    check_out,
+    dir_kind,
+    foreign_files,
+    inspect_artifact,
+    write_manifest,
+)
 from lp_deploy.benchmarks.flops import FlopProfile, profile_config_dir, profile_model
 from lp_deploy.benchmarks.latency import Timing, measure_interleaved, ratios
 from lp_deploy.benchmarks.memory import measure_subprocess
-from lp_deploy.benchmarks.perplexity import LogitsFn, eval_windows, perplexity_of
 from lp_deploy.benchmarks.qa import (
     TASKS,
     LoglikelihoodFn,
@@ -34,18 +45,14 @@ from lp_deploy.benchmarks.qa import (
     evaluate_tasks,
     retained_performance,
 )
-from lp_deploy.calibration import resolve_text_path
-from lp_deploy.checkpoint import META_KEY, config_meta
-from lp_deploy.errors import CheckpointError, LpDeployError
-from lp_deploy.loading import ALIASES, alias_dir
-from lp_deploy.runtimes import RUNTIMES, BaseRuntime, create_runtime, unavailable_reason
+from lp_deploy.data import data_file
+from lp_deploy.errors import LpDeployError
+from lp_deploy.perplexity import LogitsFn, PerplexitySpec, perplexity_of
+from lp_deploy.runtimes import Runtime, create_runtime, runtime_spec, unavailable_reason
+from lp_deploy.sources import alias_dir
 
 log = logging.getLogger(__name__)
 
-RUNTIME_NAMES = ("torch", "onnxruntime", "tensorrt")
-RUNTIME_ALIASES = {"ort": "onnxruntime"}
-ONNX_RUNTIMES = frozenset({"onnxruntime", "tensorrt"})
-ONNX_FILE = "model.onnx"
 METRICS: tuple[Metric, ...] = ("acc", "acc_norm")
 Sync = Callable[[], None]
 
@@ -60,9 +67,7 @@ class BenchConfig:
     runtimes: Sequence[str] = ("torch",)
     tasks: Sequence[str] = ()
     limit: int | None = None
-    ppl: str | None = None
-    ppl_limit: int | None = None
-    ppl_seqlen: int = 512
+    perplexity: PerplexitySpec | None = None
     latency: bool = False
     memory: bool = False
     prompt_lengths: Sequence[int] = (128, 512, 2048)
@@ -77,6 +82,7 @@ class BenchConfig:
     memory_prompt_length: int = 128
     progress: bool = True
     command: str | None = None
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class ModelSpec:
 class _Loaded:
     """Runtimes of one kind that loaded, by model name, with their artifacts."""
 
-    runtimes: dict[str, BaseRuntime] = field(default_factory=dict)
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
 
 
@@ -117,9 +123,7 @@ def normalize_runtimes(names: Sequence[str]) -> list[str]:
     """Canonical runtime names (``ort`` -> ``onnxruntime``), de-duplicated, in order."""
     out: list[str] = []
     for name in names:
-        canon = RUNTIME_ALIASES.get(name, name)
-        if canon not in RUNTIME_NAMES or canon not in RUNTIMES:
-            raise LpDeployError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIME_NAMES)}")
+        canon = runtime_spec(name).name
         if canon not in out:
             out.append(canon)
     if not out:
@@ -140,8 +144,10 @@ def _check_numbers(cfg: BenchConfig) -> None:
     _positive("--repeats", [cfg.repeats])
     _positive("--warmup", [cfg.warmup], 0)
     _positive("--eval-batch-size", [cfg.eval_batch_size])
-    _positive("--ppl-seqlen", [cfg.ppl_seqlen], 2)
-    for name, value in (("--limit", cfg.limit), ("--ppl-limit", cfg.ppl_limit)):
+    ppl = cfg.perplexity
+    if ppl is not None:
+        _positive("--ppl-seqlen", [ppl.seqlen], 2)
+    for name, value in (("--limit", cfg.limit), ("--ppl-limit", ppl.limit if ppl else None)):
         if value is not None:
             _positive(name, [value])
     if cfg.threads is not None:
@@ -159,22 +165,15 @@ def _check_candidates(cfg: BenchConfig) -> None:
                 f"candidate {path} {what}; pass a checkpoint written by 'lp-deploy patch' / "
                 "'lp-deploy fold' or an 'lp-deploy export onnx' directory"
             )
-        if not (path / "config.json").is_file():
-            raise LpDeployError(f"candidate {path} has no config.json; it is not a model dir")
+        if not (path / CONFIG_FILE).is_file():
+            raise LpDeployError(f"candidate {path} has no {CONFIG_FILE}; it is not a model dir")
 
 
-def resolve_ppl(spec: str, data_dir: Path | None) -> str:
-    """The perplexity text path: as given, in ``data_dir``, or in the default data dir."""
-    if spec.startswith("hf:"):
+def resolve_ppl(spec: PerplexitySpec, data_dir: Path | None) -> PerplexitySpec:
+    """``spec`` with its text resolved by the data-dir rule (``hf:`` specs as they are)."""
+    if spec.data.startswith("hf:"):
         return spec
-    if data_dir is not None and not Path(spec).expanduser().is_file():
-        local = Path(data_dir).expanduser() / spec
-        if local.is_file():
-            return str(local)
-    try:
-        return str(resolve_text_path(spec))
-    except FileNotFoundError as exc:
-        raise LpDeployError(f"--ppl: {exc}") from exc
+    return dataclasses.replace(spec, data=str(data_file(spec.data, data_dir)))
 
 
 def check_config(cfg: BenchConfig) -> BenchConfig:
@@ -183,21 +182,31 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     _check_numbers(cfg)
     cfg.runtimes = normalize_runtimes(cfg.runtimes)
     cfg.tasks = parse_tasks(cfg.tasks)
-    cfg.out = Path(cfg.out).expanduser()
-    if cfg.out.is_file():
-        raise LpDeployError(f"--out {cfg.out} is a file; give a directory")
-    if cfg.ppl:
-        cfg.ppl = resolve_ppl(cfg.ppl, cfg.data_dir)
+    cfg.out = check_out(cfg.out, Kind.REPORT, cfg.overwrite)
+    clash = [f for f in foreign_files(cfg.out, Kind.REPORT) if _report_file(f)]
+    if clash:
+        raise LpDeployError(
+            f"--out {cfg.out} holds {', '.join(clash)}, which lp-deploy did not write and "
+            "the report would replace; choose another directory"
+        )
+    if cfg.perplexity:
+        cfg.perplexity = resolve_ppl(cfg.perplexity, cfg.data_dir)
     if cfg.baseline is None:
         cfg.baseline = default_baseline(Path(cfg.candidates[0]))
     return cfg
 
 
+def _report_file(name: str) -> bool:
+    from lp_deploy.benchmarks.report import PLOTS
+
+    return name in ("report.json", "report.md", *PLOTS) or name.startswith("artifacts/")
+
+
 def read_lp_meta(path: str | Path) -> dict[str, Any]:
-    """The ``lp_deploy`` section of a directory's config.json ({} when there is none)."""
+    """The ``lp_deploy`` metadata of a model source ({} when it has none or is unreadable)."""
     try:
-        return config_meta(path) or {}
-    except CheckpointError:
+        return inspect_artifact(path).meta
+    except LpDeployError:
         return {}
 
 
@@ -240,7 +249,8 @@ def _display_name(source: str) -> str:
 
 def is_onnx_dir(path: str | Path) -> bool:
     """Whether ``path`` is an ``lp-deploy export onnx`` directory."""
-    return (Path(path).expanduser() / ONNX_FILE).is_file()
+    path = Path(path).expanduser()
+    return path.is_dir() and dir_kind(path) == Kind.ONNX
 
 
 def onnx_artifact(spec: ModelSpec, out: Path) -> Path:
@@ -255,15 +265,18 @@ def onnx_artifact(spec: ModelSpec, out: Path) -> Path:
     from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
 
     log.info("exporting %s to ONNX (%s)", spec.name, target)
-    return export_onnx(OnnxExportConfig(model=spec.source, out=target))
+    return export_onnx(OnnxExportConfig(model=spec.source, out=target)).out
 
 
 def disk_bytes(source: str | Path) -> int | None:
     """Bytes on disk of a model file or directory (an alias: its cached copy); None if unknown."""
-    name = str(source)
-    if name in ALIASES and not Path(name).exists():
-        return disk_bytes(alias_dir(name))
-    path = Path(name).expanduser()
+    try:
+        artifact: Artifact | None = inspect_artifact(source)
+    except LpDeployError:
+        artifact = None
+    if artifact is not None and artifact.kind == Kind.ALIAS:
+        return disk_bytes(alias_dir(str(source)))
+    path = Path(str(source)).expanduser()
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
@@ -284,7 +297,7 @@ def runtime_options(runtime: str, cfg: BenchConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- accuracy
 
 
-def logits_fn(rt: BaseRuntime) -> LogitsFn:
+def logits_fn(rt: Runtime) -> LogitsFn:
     """Logits of full windows through ``rt.forward`` (no past)."""
 
     def fn(ids: torch.Tensor) -> torch.Tensor:
@@ -296,7 +309,7 @@ def logits_fn(rt: BaseRuntime) -> LogitsFn:
     return fn
 
 
-def loglikelihood_fn(rt: BaseRuntime, batch_size: int = 1) -> LoglikelihoodFn:
+def loglikelihood_fn(rt: Runtime, batch_size: int = 1) -> LoglikelihoodFn:
     """QA scoring through ``rt.loglikelihood`` (the sums; the greedy flags are dropped)."""
 
     def fn(requests: Sequence[Request]) -> list[float]:
@@ -307,7 +320,7 @@ def loglikelihood_fn(rt: BaseRuntime, batch_size: int = 1) -> LoglikelihoodFn:
 
 
 def _accuracy(
-    rt: BaseRuntime, cfg: BenchConfig, windows: torch.Tensor | None, label: str
+    rt: Runtime, cfg: BenchConfig, windows: torch.Tensor | None, label: str
 ) -> tuple[dict[str, Any], dict[str, TaskResult]]:
     out: dict[str, Any] = {}
     if windows is not None:
@@ -347,7 +360,7 @@ def _random_ids(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=gen)
 
 
-def _prefill(rt: BaseRuntime, ids: torch.Tensor) -> None:
+def _prefill(rt: Runtime, ids: torch.Tensor) -> None:
     batch, n = ids.shape
     mask = torch.ones(batch, n, dtype=torch.long)
     rt.forward(ids, mask, torch.arange(n).expand(batch, n), None)
@@ -360,7 +373,7 @@ class DecodeCase:
     records every step's time, so per-token statistics come out of the same interleaved run.
     """
 
-    def __init__(self, rt: BaseRuntime, ids: torch.Tensor, steps: int, sync: Sync | None) -> None:
+    def __init__(self, rt: Runtime, ids: torch.Tensor, steps: int, sync: Sync | None) -> None:
         self.rt, self.steps, self.sync = rt, steps, sync
         self.batch, self.length = ids.shape
         mask = torch.ones(self.batch, self.length, dtype=torch.long)
@@ -449,7 +462,7 @@ def _decode_block(
 
 
 def _latency_shape(
-    loaded: dict[str, BaseRuntime],
+    loaded: dict[str, Runtime],
     baseline: str,
     flops: dict[str, FlopProfile],
     cfg: BenchConfig,
@@ -480,7 +493,7 @@ def _latency_shape(
 
 
 def measure_latency(
-    loaded: dict[str, BaseRuntime],
+    loaded: dict[str, Runtime],
     baseline: str,
     flops: dict[str, FlopProfile],
     cfg: BenchConfig,
@@ -507,7 +520,7 @@ def measure_latency(
 # --------------------------------------------------------------------------- one runtime
 
 
-def _profile(rt: BaseRuntime, artifact: str) -> FlopProfile:
+def _profile(rt: Runtime, artifact: str) -> FlopProfile:
     from lp_deploy.runtimes.torch_runtime import TorchRuntime
 
     if isinstance(rt, TorchRuntime):
@@ -524,7 +537,9 @@ def _load_all(
         entry = block["models"].setdefault(spec.name, {})
         try:
             artifact = (
-                str(onnx_artifact(spec, cfg.out)) if runtime in ONNX_RUNTIMES else spec.source
+                str(onnx_artifact(spec, cfg.out))
+                if runtime_spec(runtime).runs_onnx
+                else spec.source
             )
             entry["artifact"] = artifact
             entry["disk_bytes"] = disk_bytes(artifact)
@@ -579,7 +594,7 @@ def bench_runtime(
     runtime: str,
     specs: list[ModelSpec],
     cfg: BenchConfig,
-    windows: Callable[[BaseRuntime], torch.Tensor | None],
+    windows: Callable[[Runtime], torch.Tensor | None],
     flops: dict[str, FlopProfile],
 ) -> dict[str, Any]:
     """Everything measured on one runtime; a runtime that cannot run is recorded as skipped."""
@@ -595,7 +610,7 @@ def bench_runtime(
     for name, rt in loaded.runtimes.items():
         if name not in flops:
             flops[name] = _profile(rt, loaded.artifacts[name])
-    if cfg.tasks or cfg.ppl:
+    if cfg.tasks or cfg.perplexity:
         _evaluate_all(loaded, block, cfg, windows(loaded.runtimes[baseline]))
     if cfg.latency:
         block["latency"] = measure_latency(loaded.runtimes, baseline, flops, cfg)
@@ -609,15 +624,15 @@ def bench_runtime(
 # --------------------------------------------------------------------------- entry point
 
 
-def _window_source(cfg: BenchConfig) -> Callable[[BaseRuntime], torch.Tensor | None]:
+def _window_source(cfg: BenchConfig) -> Callable[[Runtime], torch.Tensor | None]:
     """Perplexity windows, tokenised once with the first baseline runtime's tokenizer."""
     cache: dict[str, torch.Tensor] = {}
 
-    def get(rt: BaseRuntime) -> torch.Tensor | None:
-        if not cfg.ppl:
+    def get(rt: Runtime) -> torch.Tensor | None:
+        if cfg.perplexity is None:
             return None
         if "w" not in cache:
-            cache["w"] = eval_windows(rt.tokenizer, cfg.ppl, cfg.ppl_seqlen, cfg.ppl_limit)
+            cache["w"] = cfg.perplexity.windows(rt.tokenizer)
         return cache["w"]
 
     return get
@@ -651,8 +666,21 @@ def _config_dict(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the bench and write the report into ``cfg.out``; returns the report data."""
+@dataclass
+class BenchResult:
+    """The report directory and the report's data (``report.json``)."""
+
+    out: Path
+    data: dict[str, Any]
+
+    @property
+    def plots(self) -> list[str]:
+        return list(self.data.get("plots", []))
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run the bench and write the report into ``cfg.out`` (the ``--out`` rule of a report:
+    a new directory or an earlier report, whose exported artifacts are reused)."""
     from lp_deploy.benchmarks.report import environment, write_report
 
     started = time.perf_counter()
@@ -674,8 +702,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "runtimes": blocks,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_report(result, cfg.out)
-    return result
+    written = write_report(result, cfg.out)
+    ours = {str(p.relative_to(cfg.out)) for p in written}
+    exported = (cfg.out / "artifacts").rglob("*")
+    ours |= {str(p.relative_to(cfg.out)) for p in exported if p.is_file()}
+    write_manifest(cfg.out, Kind.REPORT, sorted(ours))
+    return BenchResult(cfg.out, result)
 
 
 # --------------------------------------------------------------------------- sweep hook

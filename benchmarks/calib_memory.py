@@ -14,21 +14,20 @@ import sys
 import time
 from typing import Any
 
-from lp_deploy.loading import DEFAULT_MODEL
+from lp_deploy.aliases import DEFAULT_MODEL
 
 
 def measure_once(model: str, calib: str, samples: int, seqlen: int) -> dict[str, Any]:
     """Load, calibrate, return peak RSS (this process) and timings."""
-    from lp_deploy.adapters import get_adapter
-    from lp_deploy.calibration import calibration_windows
+    from lp_deploy.calibration import CalibrationSpec
     from lp_deploy.loading import load_model
     from lp_deploy.stats import collect_stats
 
     loaded = load_model(model)
-    windows = calibration_windows(loaded.tokenizer, calib, samples, seqlen, seed=0)
+    windows = CalibrationSpec(calib, samples, seqlen, seed=0).windows(loaded.tokenizer)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    stats = collect_stats(get_adapter(loaded.model), windows, progress=False)
+    stats = collect_stats(loaded.adapter, windows, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "samples": samples,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lp_deploy.checkpoint import META_KEY
+from lp_deploy.artifacts import CONFIG_FILE, META_KEY
 from lp_deploy.modules import LinearPatch, ScalePatch
 
 
@@ -95,7 +95,7 @@ def profile_config_dir(path: str | Path) -> FlopProfile:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     base = profile_model(skeleton)
-    raw = json.loads((path / "config.json").read_text())
+    raw = json.loads((path / CONFIG_FILE).read_text())
     records = (raw.get(META_KEY) or {}).get("patches", [])
     costs = [_patch_cost(r, int(config.hidden_size)) for r in records]
     return FlopProfile(

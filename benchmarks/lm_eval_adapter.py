@@ -84,7 +84,6 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "lp-deploy"
 AUTO_BATCH_SIZE = 8  # what batch_size=auto means (no memory probing)
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default
-DEFAULT_MAX_LENGTH = 2048
 FIRST_GEN_CHUNK = 16
 CHUNK_BATCHES = 16  # batches per progress-bar step
 MAX_TOKEN_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
@@ -189,8 +188,8 @@ class LpDeployLM(LM):  # type: ignore[misc]
                 )
             if not isinstance(runtime, Runtime):
                 raise LpDeployError(
-                    f"runtime must be a runtime name or an lp-deploy Runtime, got "
-                    f"{type(runtime).__name__}"
+                    f"runtime must be a runtime name or an lp-deploy Runtime (a subclass of "
+                    f"lp_deploy.runtimes.Runtime), got {type(runtime).__name__}"
                 )
             self.runtime = runtime
             self.artifact = None
@@ -210,9 +209,7 @@ class LpDeployLM(LM):  # type: ignore[misc]
     @property
     def max_length(self) -> int:
         """Context window in tokens: ``max_length`` if given, else the runtime's."""
-        if self._max_length:
-            return self._max_length
-        return int(getattr(self.runtime, "max_length", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
+        return self._max_length or int(self.runtime.max_length)
 
     @property
     def tokenizer_name(self) -> str:
@@ -222,32 +219,17 @@ class LpDeployLM(LM):  # type: ignore[misc]
     @property
     def prefix_token_id(self) -> int:
         """What an empty context becomes: BOS, else EOS (lm-eval's ``HFLM`` rule)."""
-        tok = self.tokenizer
-        for cand in (tok.bos_token_id, tok.eos_token_id, *self._eos_ids()):
-            if cand is not None:
-                return int(cand)
-        raise LpDeployError("an empty context needs a BOS or EOS token; the tokenizer has none")
+        return self.runtime.context_token()
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded by ``simple_evaluate`` in ``results['config']``."""
         return {
-            "lp_deploy_runtime": getattr(self.runtime, "name", type(self.runtime).__name__),
+            "lp_deploy_runtime": self.runtime.name,
             "lp_deploy_artifact": self.artifact,
             "lp_deploy_max_length": self.max_length,
         }
 
     # ------------------------------------------------------------------ helpers
-
-    def _eos_ids(self) -> tuple[int, ...]:
-        ids = tuple(getattr(self.runtime, "eos_token_ids", ()) or ())
-        eos = self.tokenizer.eos_token_id
-        return ids if ids or eos is None else (int(eos),)
-
-    def _encode(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -267,56 +249,17 @@ class LpDeployLM(LM):  # type: ignore[misc]
         whole batches, so every batch is the one ``loglikelihood_tokens`` would make from
         all of them at once, with a progress bar between blocks.
         """
-        score = getattr(self.runtime, "loglikelihood_tokens", None)
-        if score is None:
-            return self._score_pairs_forward(pairs, desc, disable_tqdm)
         order = sorted(range(len(pairs)), key=lambda i: -self._input_length(pairs[i]))
         block = self.batch_size * CHUNK_BATCHES
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         with tqdm(total=len(pairs), desc=desc, disable=disable_tqdm or not pairs) as bar:
             for start in range(0, len(order), block):
                 idx = order[start : start + block]
-                scored = score([pairs[i] for i in idx], self.batch_size)
+                scored = self.runtime.loglikelihood_tokens([pairs[i] for i in idx], self.batch_size)
                 for i, (ll, greedy) in zip(idx, scored, strict=True):
                     out[i] = (float(ll), bool(greedy))
                 bar.update(len(idx))
         return cast(list[tuple[float, bool]], out)
-
-    def _score_pairs_forward(
-        self, pairs: Sequence[TokenPair], desc: str, disable_tqdm: bool
-    ) -> list[tuple[float, bool]]:
-        """One unpadded ``forward`` per request, for a runtime without token-level scoring."""
-        out = []
-        for ctx, cont in tqdm(pairs, desc=desc, disable=disable_tqdm or not pairs):
-            if not cont:
-                out.append((0.0, True))
-                continue
-            whole = [*ctx, *cont][-(self.max_length + 1) :]
-            inp = whole[:-1]
-            n = len(inp)
-            logits, _ = self.runtime.forward(
-                torch.tensor([inp]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
-            )
-            logprobs = torch.log_softmax(logits[0, n - len(cont) :].float(), dim=-1)
-            target = torch.tensor(cont, device=logprobs.device)
-            total = float(logprobs.gather(-1, target[:, None]).sum())
-            out.append((total, bool((logprobs.argmax(-1) == target).all())))
-        return out
-
-    def _encode_pair(self, context: str, continuation: str) -> TokenPair:
-        encode_pair = getattr(self.runtime, "encode_pair", None)
-        if encode_pair is not None:
-            ctx, cont = encode_pair(context, continuation)
-            return list(ctx), list(cont)
-        if not context:
-            return [self.prefix_token_id], self._encode(continuation)
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            continuation = context[-spaces:] + continuation
-            context = context[:-spaces]
-        whole = self._encode(context + continuation)
-        ctx = self._encode(context)
-        return ctx, whole[len(ctx) :]
 
     # ------------------------------------------------------------------ lm-eval API
 
@@ -325,7 +268,7 @@ class LpDeployLM(LM):  # type: ignore[misc]
     ) -> list[tuple[float, bool]]:
         """``(sum log p(continuation | context), is_greedy)`` per ``(context, continuation)``."""
         args = [(str(r.args[0]), str(r.args[1])) for r in requests]
-        pairs = [self._encode_pair(c, x) for c, x in args]
+        pairs = [self.runtime.encode_pair(c, x) for c, x in args]
         results = self._score_pairs(pairs, "lp-deploy loglikelihood", disable_tqdm)
         for arg, res in zip(args, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", arg, res)
@@ -342,7 +285,7 @@ class LpDeployLM(LM):  # type: ignore[misc]
             windows = [
                 make_disjoint_window(w)
                 for w in get_rolling_token_windows(
-                    token_list=self._encode(text),
+                    token_list=self.runtime.encode(text),
                     prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length,
                     context_len=1,
@@ -386,7 +329,7 @@ class LpDeployLM(LM):  # type: ignore[misc]
             raise LpDeployError(
                 f"max_gen_toks={max_gen} must be below the context window {self.max_length}"
             )
-        ids = self._encode(context)[-(self.max_length - max_gen) :] if context else []
+        ids = self.runtime.encode(context)[-(self.max_length - max_gen) :] if context else []
         ids = ids or [self.prefix_token_id]
         opts: dict[str, Any] = {"do_sample": do_sample}
         if do_sample:
@@ -394,7 +337,7 @@ class LpDeployLM(LM):  # type: ignore[misc]
             opts.update(top_k=int(sampling.get("top_k") or 0))
             opts.update(top_p=float(sampling.get("top_p") or 1.0))
         seed = sampling.get("seed")
-        eos = set(self._eos_ids())
+        eos = set(self.runtime.eos_token_ids)
         new: list[int] = []
         chunk = FIRST_GEN_CHUNK
         for step in range(max_gen):  # at most max_gen chunks; usually a few
@@ -404,10 +347,14 @@ class LpDeployLM(LM):  # type: ignore[misc]
             got = self.runtime.generate([*ids, *new], max_new_tokens=n, **opts)
             new.extend(got)
             finished = len(got) < n or (bool(got) and got[-1] in eos)
-            if finished or len(new) >= max_gen or any(s and s in self._decode(new) for s in until):
+            if (
+                finished
+                or len(new) >= max_gen
+                or any(s and s in self.runtime.decode(new) for s in until)
+            ):
                 break
             chunk *= 2
-        return cut_at_stop(self._decode(new), until)
+        return cut_at_stop(self.runtime.decode(new), until)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from lp_deploy.calibration import DATA_DIR_ENV, default_data_dir
+from lp_deploy.data import data_file
 
 TASKS: tuple[str, ...] = (
     "piqa",
@@ -84,23 +84,11 @@ class TaskResult:
     acc_norm_stderr: float | None
 
 
+DataDir = str | Path | None  # None: the default data dir
 LoglikelihoodFn = Callable[[Sequence[Request]], list[float]]
 
 
 # --------------------------------------------------------------------------- data files
-
-
-def _data_file(root: Path, relative: str) -> Path:
-    """``root / relative``, or a ``FileNotFoundError`` that says how to point at the data."""
-    path = root / relative
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"QA data file not found: {path} (data dir {root}"
-            f"{'' if root.is_dir() else ' does not exist'}); pass --data-dir or set "
-            f"{DATA_DIR_ENV} to the directory holding piqa/, arc/, hellaswag/, boolq/, "
-            "winogrande/, copa/ and wsc273/"
-        )
-    return path
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -123,9 +111,9 @@ def _multiple_input(contexts: Sequence[str], target: str, gold: int) -> Example:
     return Example(requests, gold, tuple(contexts))
 
 
-def _piqa(root: Path) -> list[Example]:
-    rows = _read_jsonl(_data_file(root, "piqa/valid.jsonl"))
-    labels = _data_file(root, "piqa/valid-labels.lst").read_text(encoding="utf-8").split()
+def _piqa(root: DataDir) -> list[Example]:
+    rows = _read_jsonl(data_file("piqa/valid.jsonl", root))
+    labels = data_file("piqa/valid-labels.lst", root).read_text(encoding="utf-8").split()
     return [
         _multiple_choice(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(label))
         for r, label in zip(rows, labels, strict=True)
@@ -140,13 +128,13 @@ def _arc_example(row: Mapping[str, Any]) -> Example:
     return _multiple_choice(context, texts, labels.index(row["answerKey"]))
 
 
-def _arc(relative: str, root: Path) -> list[Example]:
-    return [_arc_example(r) for r in _read_jsonl(_data_file(root, relative))]
+def _arc(relative: str, root: DataDir) -> list[Example]:
+    return [_arc_example(r) for r in _read_jsonl(data_file(relative, root))]
 
 
-def _boolq(root: Path) -> list[Example]:
+def _boolq(root: DataDir) -> list[Example]:
     """SuperGLUE's passage is ``"{title} -- {passage}"`` of the original Google release."""
-    rows = _read_jsonl(_data_file(root, "boolq/dev.jsonl"))
+    rows = _read_jsonl(data_file("boolq/dev.jsonl", root))
     return [
         _multiple_choice(
             f"{r['title']} -- {r['passage']}\nQuestion: {r['question']}?\nAnswer:",
@@ -165,8 +153,8 @@ def _winogrande_example(row: Mapping[str, Any]) -> Example:
     return _multiple_input(contexts, sentence[blank + 1 :].strip(), gold)
 
 
-def _winogrande(root: Path) -> list[Example]:
-    return [_winogrande_example(r) for r in _read_jsonl(_data_file(root, "winogrande/dev.jsonl"))]
+def _winogrande(root: DataDir) -> list[Example]:
+    return [_winogrande_example(r) for r in _read_jsonl(data_file("winogrande/dev.jsonl", root))]
 
 
 def _copa_choice(choice: str) -> str:
@@ -180,8 +168,8 @@ def _copa_example(row: Mapping[str, Any]) -> Example:
     return _multiple_choice(context, choices, int(row["label"]))
 
 
-def _copa(root: Path) -> list[Example]:
-    return [_copa_example(r) for r in _read_jsonl(_data_file(root, "copa/val.jsonl"))]
+def _copa(root: DataDir) -> list[Example]:
+    return [_copa_example(r) for r in _read_jsonl(data_file("copa/val.jsonl", root))]
 
 
 # --------------------------------------------------------------------------- hellaswag
@@ -209,7 +197,7 @@ def _capitalize_ctx_b(line: str) -> str:
     return line if match is None else match.group(1) + match.group(2).capitalize()
 
 
-def _hellaswag(root: Path) -> list[Example]:
+def _hellaswag(root: DataDir) -> list[Example]:
     """The llama.cpp 6-line text form of the 10,042 validation items.
 
     Its extractor already dropped ``[header]``/``[step]``/``[substeps]``/``[title]`` tags and
@@ -218,7 +206,7 @@ def _hellaswag(root: Path) -> list[Example]:
     original jsonl remain possible (e.g. an ending that began with a tag gets a leading space
     in lm-eval, and a guessed ``ctx_b`` split can be wrong on a handful of odd items).
     """
-    path = _data_file(root, "hellaswag/hellaswag_val_full.txt.bz2")
+    path = data_file("hellaswag/hellaswag_val_full.txt.bz2", root)
     with bz2.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     lines = lines[: len(lines) // 6 * 6]
@@ -285,13 +273,13 @@ def _wsc_example(doc: _WscDoc) -> Example:
     return _multiple_input(contexts, text[doc.pronoun_loc + len(doc.pronoun) :], doc.label)
 
 
-def _wsc273(root: Path) -> list[Example]:
+def _wsc273(root: DataDir) -> list[Example]:
     """The first 273 schemas of ``WSCollection.xml`` (ISO-8859-1, declared in the file)."""
-    schemas = list(ET.parse(_data_file(root, "wsc273/WSCollection.xml")).getroot())[:273]
+    schemas = list(ET.parse(data_file("wsc273/WSCollection.xml", root)).getroot())[:273]
     return [_wsc_example(_wsc_doc(s)) for s in schemas]
 
 
-_LOADERS: dict[str, Callable[[Path], list[Example]]] = {
+_LOADERS: dict[str, Callable[[DataDir], list[Example]]] = {
     "piqa": _piqa,
     "arc_easy": partial(_arc, "arc/ARC-Easy-Test.jsonl"),
     "arc_challenge": partial(_arc, "arc/ARC-Challenge-Test.jsonl"),
@@ -311,8 +299,7 @@ def load_task(
         raise ValueError(f"unknown QA task {name!r}; choose from {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    return _LOADERS[name](root)[:limit]
+    return _LOADERS[name](data_dir)[:limit]
 
 
 # --------------------------------------------------------------------------- scoring

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lp_deploy import __version__
+from lp_deploy.artifacts import clean_json
 
 PLOTS = ("accuracy.png", "latency.png", "memory.png")
 PACKAGES = ("torch", "transformers", "onnxruntime", "onnx", "numpy")
@@ -78,19 +79,6 @@ def environment(
 
 
 # --------------------------------------------------------------------------- JSON
-
-
-def clean_json(value: Any) -> Any:
-    """NaN/inf -> None, paths -> str, tuples -> lists (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_json(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # --------------------------------------------------------------------------- formatting
@@ -248,7 +236,8 @@ def _md_perplexity(result: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     cfg = result["config"]
-    note = f"{cfg['ppl']}, windows of {cfg['ppl_seqlen']} tokens (limit {cfg['ppl_limit']})"
+    ppl = cfg["perplexity"]
+    note = f"{ppl['data']}, windows of {ppl['seqlen']} tokens (limit {ppl['limit']})"
     return ["## Perplexity", "", note, "", *_table(["runtime", "model", "ppl", "ratio"], rows)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -13,17 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lp_deploy.adapters import get_adapter
+from lp_deploy.aliases import DEFAULT_MODEL
+from lp_deploy.artifacts import Kind, check_out, clean_json, output_dir
 from lp_deploy.benchmarks.flops import profile_model
 from lp_deploy.benchmarks.latency import measure_interleaved, ratios
-from lp_deploy.benchmarks.perplexity import eval_windows, model_perplexity
-from lp_deploy.calibration import calibration_windows
-from lp_deploy.fit import fit_patches
+from lp_deploy.calibration import CalibrationSpec
+from lp_deploy.errors import LpDeployError
+from lp_deploy.fit import PATCH_KINDS
 from lp_deploy.fold import fold_model
-from lp_deploy.loading import DEFAULT_MODEL, load_model
-from lp_deploy.prune import apply_plan
-from lp_deploy.selection import PruningPlan, select
-from lp_deploy.stats import ActivationStats, collect_stats
+from lp_deploy.loading import load_model
+from lp_deploy.model import LoadedModel
+from lp_deploy.perplexity import PerplexitySpec, model_perplexity
+from lp_deploy.pipeline import Calibrated, calibrate
+from lp_deploy.selection import PruningPlan
 
 #: extra per-model evaluation: (model, tokenizer) -> metrics
 Evaluator = Callable[[nn.Module, Any], dict[str, float]]
@@ -36,15 +37,11 @@ class SweepConfig:
     model: str = DEFAULT_MODEL
     prune: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8)
     select: str = "cosine"
-    patches: Sequence[str] = ("none", "rotate")  # also "diag", and "rotate+fold" (folded)
-    calib: str = "wikitext-2/valid.txt"
-    samples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    ppl: str | None = "wikitext-2/test.txt"
-    ppl_seqlen: int = 512
-    ppl_limit: int | None = None
+    patches: Sequence[str] = ("none", "rotate")  # any patch kind, "KIND+fold" also folds it
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    perplexity: PerplexitySpec | None = field(default_factory=PerplexitySpec)
     out: Path | None = None
+    overwrite: bool = False
     progress: bool = True
     latency: bool = False  # time prompt + greedy decode against dense, interleaved
     latency_prompt: int = 64
@@ -63,6 +60,24 @@ class SweepPoint:
     layers: int
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+FOLD_SUFFIX = "+fold"
+
+
+def sweep_kinds() -> list[str]:
+    """What ``--patches`` accepts: every patch kind, and ``KIND+fold`` for the fitted ones."""
+    fitted = [k for k, v in PATCH_KINDS.items() if v.fit is not None]
+    return [*PATCH_KINDS, *(k + FOLD_SUFFIX for k in fitted)]
+
+
+def check_kinds(kinds: Sequence[str]) -> None:
+    """A clear error for an unknown sweep kind."""
+    bad = [k for k in kinds if k not in sweep_kinds()]
+    if bad or not kinds:
+        raise LpDeployError(
+            f"--patches: unknown kind(s) {bad}; choose from {', '.join(sweep_kinds())}"
+        )
 
 
 def parse_range(spec: str) -> list[int]:
@@ -88,9 +103,6 @@ def _evaluate(
     if extra is not None:
         metrics.update(extra(model, tokenizer))
     return metrics
-
-
-FOLD_SUFFIX = "+fold"
 
 
 def _generation_fn(model: Any, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
@@ -124,69 +136,84 @@ def latency_metrics(dense: Any, model: Any, cfg: SweepConfig) -> dict[str, float
     }
 
 
-def _pruned_copy(dense: Any, plan: PruningPlan, stats: ActivationStats, kind: str) -> nn.Module:
-    """A pruned copy of ``dense`` with ``kind`` patches; ``'rotate+fold'`` also folds it."""
-    model = copy.deepcopy(dense)
-    base = kind.removesuffix(FOLD_SUFFIX)
-    apply_plan(get_adapter(model), plan, fit_patches(stats, plan, base))
+def _pruned(cal: Calibrated, plan: PruningPlan, kind: str) -> LoadedModel:
+    """A pruned copy with ``kind`` patches; ``'KIND+fold'`` also folds it."""
+    pruned = cal.prune(plan, kind.removesuffix(FOLD_SUFFIX))
     if kind.endswith(FOLD_SUFFIX):
-        fold_model(model)
-    return model
+        fold_model(pruned.model)
+    return pruned
 
 
-def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> dict[str, Any]:
-    """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
+@dataclass
+class SweepResult:
+    """Every point of a sweep (``sweep.json``'s content) and where it was written."""
+
+    data: dict[str, Any]
+    out: Path | None = None
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        return list(self.data["points"])
+
+
+def _point(
+    cal: Calibrated,
+    plan: PruningPlan,
+    kind: str,
+    measure: Callable[[nn.Module, str], dict[str, float]],
+) -> SweepPoint:
     started = time.perf_counter()
-    loaded = load_model(cfg.model)
-    dense, tokenizer = loaded.model, loaded.tokenizer
-    adapter = get_adapter(dense)
-    windows = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seqlen, cfg.seed)
-    stats = collect_stats(adapter, windows, progress=cfg.progress)
-    ppl_windows = (
-        eval_windows(tokenizer, cfg.ppl, cfg.ppl_seqlen, cfg.ppl_limit) if cfg.ppl else None
-    )
+    pruned = _pruned(cal, plan, kind)
+    metrics = measure(pruned.model, f"n={len(plan.removed)} {kind}")
+    seconds = round(time.perf_counter() - started, 1)
+    similarity = plan.scores.get("similarity")
+    n = len(plan.removed)
+    return SweepPoint(n, kind, plan.removed, similarity, len(plan.kept), metrics, seconds)
+
+
+def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
+    """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
+    check_kinds(cfg.patches)
+    if cfg.out is not None:
+        check_out(cfg.out, Kind.SWEEP, cfg.overwrite)
+    started = time.perf_counter()
+    dense = load_model(cfg.model)
+    cal = calibrate(dense, cfg.calibration, progress=cfg.progress)
+    ppl_windows = cfg.perplexity.windows(dense.tokenizer) if cfg.perplexity else None
+
+    def measure(model: nn.Module, label: str) -> dict[str, float]:
+        metrics = _evaluate(model, ppl_windows, extra, dense.tokenizer, cfg.progress, label)
+        if cfg.latency:
+            metrics.update(latency_metrics(dense.model, model, cfg))
+        return metrics
+
     t0 = time.perf_counter()
-    baseline = _evaluate(dense, ppl_windows, extra, tokenizer, cfg.progress, "dense")
+    baseline = _evaluate(dense.model, ppl_windows, extra, dense.tokenizer, cfg.progress, "dense")
     if cfg.latency:
         baseline.update(gen_time_ratio=1.0, flop_ratio=1.0)
-    points: list[SweepPoint] = []
-    for n in cfg.prune:
-        plan = select(stats, len(adapter.layers), n, cfg.select)
-        for kind in cfg.patches:
-            t = time.perf_counter()
-            model = _pruned_copy(dense, plan, stats, kind)
-            metrics = _evaluate(model, ppl_windows, extra, tokenizer, cfg.progress, f"n={n} {kind}")
-            if cfg.latency:
-                metrics.update(latency_metrics(dense, model, cfg))
-            points.append(
-                SweepPoint(
-                    n,
-                    kind,
-                    plan.removed,
-                    plan.scores.get("similarity"),
-                    len(plan.kept),
-                    metrics,
-                    round(time.perf_counter() - t, 1),
-                )
-            )
-            del model
-    result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "num_layers": len(adapter.layers),
-        "baseline": {"metrics": baseline, "seconds": round(time.perf_counter() - t0, 1)},
+    baseline_seconds = round(time.perf_counter() - t0, 1)
+    points = [
+        _point(cal, plan, kind, measure)
+        for plan in (cal.plan(n, cfg.select) for n in cfg.prune)
+        for kind in cfg.patches
+    ]
+    data = {
+        "config": clean_json(asdict(cfg)),
+        "num_layers": cal.num_layers,
+        "baseline": {"metrics": baseline, "seconds": baseline_seconds},
         "points": [asdict(p) for p in points],
         "seconds": round(time.perf_counter() - started, 1),
     }
     if cfg.out is not None:
-        write_sweep(result, Path(cfg.out))
-    return result
+        write_sweep(data, Path(cfg.out), cfg.overwrite)
+    return SweepResult(data, cfg.out)
 
 
-def write_sweep(result: dict[str, Any], out: Path) -> None:
+def write_sweep(result: dict[str, Any], out: Path, overwrite: bool = False) -> None:
     """``sweep.json`` and ``sweep.png`` (one panel per metric) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_sweep(result, out / "sweep.png")
+    with output_dir(out, Kind.SWEEP, overwrite) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_sweep(result, tmp / "sweep.png")
 
 
 def plot_sweep(result: dict[str, Any], path: Path) -> None:

@@ -29,17 +29,26 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy import __version__
-from lp_deploy.atomic import atomic_dir
-from lp_deploy.calibration import default_data_dir, tokenize_text
-from lp_deploy.checkpoint import META_KEY
-from lp_deploy.errors import LpDeployError, VerificationError
+from lp_deploy.artifacts import (
+    EXPORT_REPORT_FILE,
+    META_KEY,
+    ONNX_DATA_FILE,
+    ONNX_FILE,
+    Kind,
+    check_out,
+    output_dir,
+)
+from lp_deploy.calibration import tokenize_text
+from lp_deploy.data import data_file
+from lp_deploy.errors import DataError, LpDeployError, VerificationError
+from lp_deploy.hf_config import save_config
+from lp_deploy.loading import load_model
+from lp_deploy.model import LoadedModel
 from lp_deploy.runtimes.base import DTYPES, Past, positions_from_mask
-from lp_deploy.runtimes.torch_runtime import LoadedSource, TorchRuntime, cache_tensors, load_source
+from lp_deploy.runtimes.torch_runtime import TorchRuntime, cache_tensors
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-REPORT_FILE = "export.json"
 DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 #: protobuf cannot hold more than 2 GiB: larger graphs keep their weights in model.onnx.data
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
@@ -70,6 +79,7 @@ class OnnxExportConfig:
 
     model: str
     out: Path
+    overwrite: bool = False
     dtype: str = "fp32"
     optimize: bool | int = False
     opset: int = 20
@@ -329,12 +339,12 @@ def validation_ids(
 ) -> tuple[torch.Tensor, str]:
     """At least ``n`` token ids of real text: ``spec``, else wikitext-2 test, else a fixed
     English paragraph (repeated as needed)."""
-    path = Path(spec) if spec else default_data_dir() / VALIDATION_TEXT
-    if path.is_file():
+    try:
+        path = data_file(spec or VALIDATION_TEXT)
         text, name = path.read_text(encoding="utf-8")[: max(20_000, 40 * n)], str(path)
-    elif spec:
-        raise LpDeployError(f"validation text {spec} not found")
-    else:
+    except DataError:
+        if spec:
+            raise
         text, name = FALLBACK_TEXT, "built-in English paragraph"
     ids = tokenize_text(tokenizer, text)
     if ids.numel() == 0:
@@ -471,19 +481,8 @@ def _raise_failed(report: ValidationReport, optimized: bool) -> None:
 # --------------------------------------------------------------------------- files
 
 
-def _check_out(out: Path, source: str) -> None:
-    out = out.expanduser()
-    src = Path(source).expanduser()
-    if src.exists() and out.resolve() == src.resolve():
-        raise LpDeployError(f"--out {out} is the model directory itself; choose another")
-    if out.is_file():
-        raise LpDeployError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / ONNX_FILE).is_file():
-        raise LpDeployError(f"--out {out} exists and is not an ONNX export; refusing to replace it")
-
-
 def _export_meta(
-    loaded: LoadedSource, cfg: OnnxExportConfig, layout: tuple[int, ...]
+    loaded: LoadedModel, cfg: OnnxExportConfig, layout: tuple[int, ...]
 ) -> dict[str, Any]:
     inputs, outputs = io_names(layout[0])
     export = {
@@ -504,13 +503,13 @@ def _export_meta(
 
 
 def _write_side_files(
-    loaded: LoadedSource, meta: dict[str, Any], dtype: torch.dtype, tmp: Path
+    loaded: LoadedModel, meta: dict[str, Any], dtype: torch.dtype, tmp: Path
 ) -> None:
     config = copy.deepcopy(loaded.model.config)
     setattr(config, META_KEY, meta)
     config.dtype = dtype
     config.use_cache = True
-    config.save_pretrained(tmp)
+    save_config(config, tmp)
     if loaded.model.generation_config is not None:
         loaded.model.generation_config.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
@@ -524,7 +523,7 @@ def _param_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
-def _load(cfg: OnnxExportConfig) -> LoadedSource:
+def _load(cfg: OnnxExportConfig) -> LoadedModel:
     if cfg.dtype not in DTYPES:
         raise LpDeployError(
             f"unsupported dtype {cfg.dtype!r} for the ONNX export; choose one of "
@@ -537,25 +536,33 @@ def _load(cfg: OnnxExportConfig) -> LoadedSource:
         )
     if int(cfg.optimize) not in (0, 1, 2):
         raise LpDeployError(f"optimize must be 0, 1 or 2, got {cfg.optimize!r}")
-    _check_out(Path(cfg.out), cfg.model)
-    loaded = load_source(cfg.model, torch.float32)
+    check_out(cfg.out, Kind.ONNX, cfg.overwrite)
+    loaded = load_model(cfg.model, torch.float32)
     check_supported(loaded.model)
     return loaded
 
 
-def export_onnx(cfg: OnnxExportConfig) -> Path:
-    """Export, optimise (optional), validate and publish; returns ``cfg.out``."""
+@dataclass
+class ExportResult:
+    """Where the export was written and what it measured."""
+
+    out: Path
+    report: ExportReport
+
+
+def export_onnx(cfg: OnnxExportConfig) -> ExportResult:
+    """Export, optimise (optional), validate and publish ``cfg.out``."""
     started = time.perf_counter()
     loaded = _load(cfg)
     out = Path(cfg.out).expanduser()
-    with atomic_dir(out) as tmp:
+    with output_dir(out, Kind.ONNX, cfg.overwrite) as tmp:
         report = _build(loaded, cfg, tmp, started)
-        (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        (tmp / EXPORT_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     log.info("wrote %s in %.1f s", out, time.perf_counter() - started)
-    return out
+    return ExportResult(out, report)
 
 
-def _build(loaded: LoadedSource, cfg: OnnxExportConfig, tmp: Path, started: float) -> ExportReport:
+def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float) -> ExportReport:
     import onnx_ir as ir
 
     dtype = DTYPES[cfg.dtype]
@@ -580,7 +587,7 @@ def _build(loaded: LoadedSource, cfg: OnnxExportConfig, tmp: Path, started: floa
         graph, fusions = fuse_for_ort(graph)
         seconds["fuse"] = time.perf_counter() - t0
     path = tmp / ONNX_FILE
-    ir.save(graph, str(path), external_data=f"{ONNX_FILE}.data" if external else None)
+    ir.save(graph, str(path), external_data=ONNX_DATA_FILE if external else None)
     del program, graph
     if int(cfg.optimize) >= 2:
         t0 = time.perf_counter()
@@ -595,7 +602,7 @@ def _build(loaded: LoadedSource, cfg: OnnxExportConfig, tmp: Path, started: floa
         num_layers=layout[0],
         patches=list(loaded.meta.get("patches", [])),
         external_data=external,
-        onnx_bytes=sum(f.stat().st_size for f in tmp.glob("model.onnx*")),
+        onnx_bytes=sum(f.stat().st_size for f in tmp.glob(f"{ONNX_FILE}*")),
         fusions=fusions,
     )
     if cfg.validate:
@@ -608,7 +615,7 @@ def _build(loaded: LoadedSource, cfg: OnnxExportConfig, tmp: Path, started: floa
 
 
 def run_validation(
-    loaded: LoadedSource, cfg: OnnxExportConfig, tmp: Path, exported: PreTrainedModel
+    loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, exported: PreTrainedModel
 ) -> ValidationReport:
     """Validate the files in ``tmp`` (``exported``: the traced model, in the export dtype);
     raises :class:`VerificationError` on a mismatch."""
@@ -637,12 +644,13 @@ def run_validation(
 
 def read_report(export_dir: Path) -> dict[str, Any]:
     """The ``export.json`` of an export directory."""
-    data: dict[str, Any] = json.loads((Path(export_dir) / REPORT_FILE).read_text())
+    data: dict[str, Any] = json.loads((Path(export_dir) / EXPORT_REPORT_FILE).read_text())
     return data
 
 
 __all__ = [
     "ExportReport",
+    "ExportResult",
     "OnnxExportConfig",
     "ValidationReport",
     "export_onnx",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lp_deploy.errors import LpDeployError
+from lp_deploy.artifacts import ONNX_FILE, Kind, read_manifest, write_manifest
+from lp_deploy.errors import LpDeployError, OutputExistsError
 
 ENGINE_FILE = "model.plan"
 Shape = tuple[int, ...]
@@ -27,6 +28,7 @@ class TensorRTConfig:
 
     onnx_dir: Path
     out: Path | None = None  # default: onnx_dir / model.plan
+    overwrite: bool = False
     fp16: bool = False
     max_batch: int = 4
     max_seq: int = 512
@@ -114,9 +116,12 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, A
 def build_engine(cfg: TensorRTConfig) -> Path:
     """Parse the ONNX export, build a serialized engine with one optimisation profile, write it
     atomically; returns its path."""
-    onnx_path = Path(cfg.onnx_dir) / "model.onnx"
+    onnx_path = Path(cfg.onnx_dir) / ONNX_FILE
     if not onnx_path.is_file():
-        raise LpDeployError(f"{cfg.onnx_dir} has no model.onnx; run 'lp-deploy export onnx' first")
+        raise LpDeployError(f"{cfg.onnx_dir} has no {ONNX_FILE}; run 'lp-deploy export onnx' first")
+    out = Path(cfg.out) if cfg.out else Path(cfg.onnx_dir) / ENGINE_FILE
+    if out.exists() and not cfg.overwrite:
+        raise OutputExistsError(f"--out {out} exists; choose another path or pass --overwrite")
     shapes = profile_shapes(onnx_path, cfg)
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -133,11 +138,18 @@ def build_engine(cfg: TensorRTConfig) -> Path:
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise LpDeployError("TensorRT failed to build the engine (see its log above)")
-    out = Path(cfg.out) if cfg.out else Path(cfg.onnx_dir) / ENGINE_FILE
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(bytes(serialized))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    _record_engine(out)
     return out
+
+
+def _record_engine(engine: Path) -> None:
+    """List an engine written inside an ONNX export in that export's manifest."""
+    manifest = read_manifest(engine.parent)
+    if manifest is not None and manifest.get("kind") == Kind.ONNX.value:
+        write_manifest(engine.parent, Kind.ONNX, [*manifest.get("files", []), engine.name])

@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from lp_deploy.data import data_file
 from lp_deploy.errors import LpDeployError
 
 HF_PREFIX = "hf:"
-DATA_DIR_ENV = "LP_DEPLOY_DATA_DIR"
-
-
-def default_data_dir() -> Path:
-    """Evaluation data (``LP_DEPLOY_DATA_DIR``, else ``../shared/data`` beside the project)."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        candidate = base.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return Path.cwd().parent / "shared" / "data"
-
-
-def resolve_text_path(spec: str | Path) -> Path:
-    """A text file path; bare names such as ``wikitext-2/valid.txt`` resolve in the data dir."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    in_data = default_data_dir() / path
-    if not path.is_absolute() and in_data.is_file():
-        return in_data
-    raise FileNotFoundError(
-        f"text file {str(spec)!r} not found (also looked in {in_data}); pass an existing "
-        ".txt or .jsonl path, 'hf:DATASET[:CONFIG]:SPLIT', or set LP_DEPLOY_DATA_DIR"
-    )
 
 
 def _read_jsonl(path: Path, field: str) -> str:
@@ -73,7 +48,7 @@ def load_text(spec: str | Path, text_field: str = "text") -> str:
     """Text of a plain file (wikitext format), a jsonl file's ``text_field``, or an hf dataset."""
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
         return _read_hf_dataset(spec, text_field)
-    path = resolve_text_path(spec)
+    path = data_file(spec)
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text_field)
     return path.read_text(encoding="utf-8")
@@ -106,15 +81,30 @@ def contiguous_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None)
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def calibration_windows(
-    tokenizer: PreTrainedTokenizerBase,
-    spec: str | Path,
-    n_samples: int,
-    seqlen: int,
-    seed: int,
-    text_field: str = "text",
-) -> torch.Tensor:
-    """Seeded calibration windows from a text source."""
-    return sample_windows(
-        tokenize_text(tokenizer, load_text(spec, text_field)), n_samples, seqlen, seed
-    )
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which calibration windows a stage uses; recorded whole in every checkpoint.
+
+    ``data``: a ``.txt`` file (relative names resolve in the data dir), a ``.jsonl`` file
+    (``text_field``), or ``hf:NAME[:CONFIG]:SPLIT``.
+    """
+
+    data: str = "wikitext-2/valid.txt"
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    text_field: str = "text"
+
+    def windows(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """``samples`` seeded windows of ``seqlen`` tokens, shape (samples, seqlen)."""
+        ids = tokenize_text(tokenizer, load_text(self.data, self.text_field))
+        return sample_windows(ids, self.samples, self.seqlen, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationSpec:
+        """From :meth:`to_dict` output (extra keys, e.g. ``tokens``, are ignored)."""
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**{**fields, "data": str(fields.get("data", cls.data))})

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,31 +14,17 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy import __version__
 from lp_deploy.adapters import ModelAdapter, get_adapter
-from lp_deploy.atomic import atomic_dir
+from lp_deploy.artifacts import CONFIG_FILE, META_KEY, WEIGHTS_FILE, Kind, output_dir, read_json
 from lp_deploy.errors import CheckpointError
+from lp_deploy.hf_config import save_config
+from lp_deploy.model import LoadedModel
 from lp_deploy.modules import LinearPatch, ScalePatch
 from lp_deploy.prune import installed_patches, set_patch
 
-WEIGHTS = "model.safetensors"
 PATCH_PREFIX = "lp_deploy.patch."
-META_KEY = "lp_deploy"
-
-
-@dataclass
-class PatchedModel:
-    """A pruned (and patched) model with its tokenizer and ``lp_deploy`` metadata."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    meta: dict[str, Any]
-
-    @property
-    def adapter(self) -> ModelAdapter:
-        return get_adapter(self.model)
 
 
 @contextlib.contextmanager
@@ -82,66 +67,43 @@ def _state_and_patches(
 
 
 def save_patched(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    loaded: LoadedModel,
     out: Path,
-    meta: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the checkpoint to a temporary sibling of ``out`` and rename it when complete.
+    """Write ``loaded`` (its ``meta`` as the ``lp_deploy`` section) as a checkpoint under the
+    ``--out`` rule: built beside ``out`` and renamed into place when complete.
 
     ``extra`` maps file names to JSON-serialisable data written beside the weights.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
     state, records = _state_and_patches(model)
     config = copy.deepcopy(model.config)
-    full_meta = {**meta, "patches": records, "toolkit_version": __version__}
+    full_meta = {**loaded.meta, "patches": records, "toolkit_version": __version__}
     setattr(config, META_KEY, full_meta)
-    with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
+    with output_dir(out, Kind.CHECKPOINT, overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_config(config, tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
         for name, data in (extra or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-    return out
-
-
-def _read_config(cfg_file: Path) -> dict[str, Any]:
-    """A config.json as a dict; :class:`CheckpointError` when it is not valid JSON."""
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"{cfg_file} is not valid JSON ({exc}); the checkpoint is corrupt"
-        ) from exc
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def config_meta(path: str | Path) -> dict[str, Any] | None:
-    """The unvalidated ``lp_deploy`` section of ``path/config.json``, or None when absent.
-
-    Raises :class:`CheckpointError` when config.json exists but is not valid JSON.
-    """
-    cfg_file = Path(path).expanduser() / "config.json"
-    if not cfg_file.is_file():
-        return None
-    meta = _read_config(cfg_file).get(META_KEY)
-    return meta if isinstance(meta, dict) else None
+    loaded.meta = full_meta
+    return Path(out)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """The ``lp_deploy`` section of a checkpoint's config.json (validated)."""
     path = Path(path)
-    cfg_file = path / "config.json"
+    cfg_file = path / CONFIG_FILE
     if not path.is_dir() or not cfg_file.is_file():
         raise CheckpointError(
             f"{path} is not a patched checkpoint (no config.json); create one with "
             "'lp-deploy patch'"
         )
-    cfg = _read_config(cfg_file)
+    cfg = read_json(cfg_file, "checkpoint")
     meta = cfg.get(META_KEY)
     if not isinstance(meta, dict) or "plan" not in meta:
         raise CheckpointError(
@@ -158,7 +120,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def _read_patch_tensors(path: Path, records: list[dict[str, Any]]) -> dict[int, torch.nn.Module]:
-    weights = path / WEIGHTS
+    weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
     patches: dict[int, torch.nn.Module] = {}
@@ -203,11 +165,11 @@ def _load_base(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
         "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
     }
     if any(problems.values()):
-        raise CheckpointError(f"{path}/{WEIGHTS} does not match its config.json: {problems}")
+        raise CheckpointError(f"{path}/{WEIGHTS_FILE} does not match its config.json: {problems}")
     return model
 
 
-def load_patched(path: str | Path, dtype: torch.dtype | None = None) -> PatchedModel:
+def load_patched(path: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
     """Rebuild a patched model saved by :func:`save_patched` (or the fold stage)."""
     path = Path(path)
     meta = read_meta(path)
@@ -229,4 +191,5 @@ def load_patched(path: str | Path, dtype: torch.dtype | None = None) -> PatchedM
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {exc}") from exc
-    return PatchedModel(model=model, tokenizer=tokenizer, meta=meta)
+    source = {"source": str(path), "kind": Kind.CHECKPOINT.value}
+    return LoadedModel(model=model, tokenizer=tokenizer, meta=meta, source=source)

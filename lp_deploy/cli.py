@@ -3,44 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lp_deploy.calibration import CalibrationSpec
 from lp_deploy.errors import LpDeployError
+from lp_deploy.fit import PATCH_KINDS
+from lp_deploy.perplexity import PerplexitySpec
+from lp_deploy.selection import SELECTION_METHODS
 
 Handler = Callable[[argparse.Namespace], int]
+_CALIB = CalibrationSpec()
+_PPL = PerplexitySpec()
+
+
+def _add_out(p: Any, what: str) -> None:
+    p.add_argument("--out", type=Path, required=True, help=what)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an existing directory that is not an earlier artifact of the same kind "
+        "(files lp-deploy did not write are kept, never replaced)",
+    )
+
+
+def _add_calibration(p: Any, defaults: CalibrationSpec = _CALIB) -> None:
+    """``--calib --text-field --samples --seqlen --seed``: a :class:`CalibrationSpec`."""
+    p.add_argument(
+        "--calib",
+        default=defaults.data,
+        help="calibration text: .txt, .jsonl (--text-field) or hf:NAME[:CONFIG]:SPLIT; "
+        "relative names resolve in the data dir",
+    )
+    p.add_argument("--text-field", default=defaults.text_field)
+    p.add_argument("--samples", type=int, default=defaults.samples)
+    p.add_argument("--seqlen", type=int, default=defaults.seqlen)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _calibration(args: argparse.Namespace) -> CalibrationSpec:
+    return CalibrationSpec(args.calib, args.samples, args.seqlen, args.seed, args.text_field)
+
+
+def _add_perplexity(p: Any, flag: str, default: str | None, what: str) -> None:
+    """``FLAG --ppl-seqlen --ppl-limit``: a :class:`PerplexitySpec` (or none)."""
+    p.add_argument(flag, dest="ppl", default=default, help=what)
+    p.add_argument("--ppl-seqlen", type=int, default=_PPL.seqlen)
+    p.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
+
+
+def _perplexity(args: argparse.Namespace) -> PerplexitySpec | None:
+    if args.ppl is None or args.ppl.lower() == "none":
+        return None
+    return PerplexitySpec(args.ppl, args.ppl_seqlen, args.ppl_limit)
 
 
 def _add_patch(sub: Any) -> None:
     p = sub.add_parser("patch", help="prune N layers and fit a LinearPatch")
     p.add_argument("model", help="alias (smollm2-135m), model directory, .gguf file or hub id")
     p.add_argument("--prune", type=int, default=None, help="number of layers to delete")
+    methods = "; ".join(f"{m.name}: {m.description}" for m in SELECTION_METHODS.values())
     p.add_argument(
         "--select",
         default="cosine",
-        help="cosine (contiguous block), bi (ShortGPT), or layers '3,4,7' / '10-14'",
+        help=f"{methods}; or a layer list '3,4,7' / '10-14' (inclusive) / '10:15'",
     )
-    p.add_argument("--patch", default="rotate", choices=["rotate", "diag", "none"])
-    p.add_argument(
-        "--calib",
-        default="wikitext-2/valid.txt",
-        help="calibration text: .txt, .jsonl (--text-field) or hf:NAME[:CONFIG]:SPLIT; "
-        "relative names resolve in the data dir",
-    )
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patch", default="rotate", choices=list(PATCH_KINDS))
+    _add_calibration(p)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
-    p.add_argument(
-        "--eval-ppl", default=None, help="text file for perplexity (dense/pruned/patched)"
-    )
-    p.add_argument("--ppl-seqlen", type=int, default=512)
-    p.add_argument("--ppl-limit", type=int, default=None, help="evaluate only the first N windows")
+    _add_out(p, "output checkpoint directory")
+    _add_perplexity(p, "--eval-ppl", None, "text file for perplexity (dense/pruned/patched)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(handler=_run_patch)
 
@@ -53,16 +89,11 @@ def _run_patch(args: argparse.Namespace) -> int:
         prune=args.prune,
         select=args.select,
         patch=args.patch,
-        calib=args.calib,
-        samples=args.samples,
-        seqlen=args.seqlen,
-        seed=args.seed,
+        calibration=_calibration(args),
+        perplexity=_perplexity(args),
         out=args.out,
-        eval_ppl=args.eval_ppl,
-        ppl_seqlen=args.ppl_seqlen,
-        ppl_limit=args.ppl_limit,
+        overwrite=args.overwrite,
         batch_size=args.batch_size,
-        text_field=args.text_field,
         trust_remote_code=args.trust_remote_code,
         progress=not args.quiet,
     )
@@ -84,19 +115,24 @@ def _print_patch_summary(s: dict[str, Any], out: Path) -> None:
 
 
 def _add_fold(sub: Any) -> None:
+    from lp_deploy.fold import VERIFY_SAMPLES, VERIFY_SEQLEN
+
     p = sub.add_parser("fold", help="fold the patch into the weights (rotate the residual stream)")
     p.add_argument("patched", type=Path, help="checkpoint written by 'lp-deploy patch'")
-    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    _add_out(p, "output checkpoint directory")
     p.add_argument(
         "--no-rotate",
         action="store_true",
         help="keep the patch as one explicit MatMul (no untied embeddings)",
     )
     p.add_argument(
-        "--calib", default=None, help="verification text (default: the calibration data)"
+        "--calib",
+        default=None,
+        help="verification text (default: the checkpoint's calibration data and text field)",
     )
-    p.add_argument("--verify-samples", type=int, default=4)
-    p.add_argument("--verify-seqlen", type=int, default=256)
+    p.add_argument("--text-field", default=None, help="default: the checkpoint's")
+    p.add_argument("--verify-samples", type=int, default=VERIFY_SAMPLES)
+    p.add_argument("--verify-seqlen", type=int, default=VERIFY_SEQLEN)
     p.add_argument(
         "--tolerance",
         type=float,
@@ -106,20 +142,34 @@ def _add_fold(sub: Any) -> None:
     p.set_defaults(handler=_run_fold)
 
 
+def _verify_spec(args: argparse.Namespace) -> CalibrationSpec:
+    """The checkpoint's verification windows with the command line's overrides."""
+    from lp_deploy.checkpoint import read_meta
+    from lp_deploy.fold import default_verify_spec
+
+    spec = default_verify_spec(read_meta(args.patched))
+    overrides = {"data": args.calib, "text_field": args.text_field}
+    return dataclasses.replace(
+        spec,
+        **{k: v for k, v in overrides.items() if v is not None},
+        samples=args.verify_samples,
+        seqlen=args.verify_seqlen,
+    )
+
+
 def _run_fold(args: argparse.Namespace) -> int:
     from lp_deploy.fold import FoldConfig, run_fold
 
     cfg = FoldConfig(
         patched=args.patched,
         out=args.out,
+        overwrite=args.overwrite,
         rotate=not args.no_rotate,
-        calib=args.calib,
-        verify_samples=args.verify_samples,
-        verify_seqlen=args.verify_seqlen,
+        verify=_verify_spec(args),
         tolerance=args.tolerance,
         progress=not args.quiet,
     )
-    _, report = run_fold(cfg)
+    report = run_fold(cfg).report
     print(f"\nfold: {report.mode}" + (f" ({report.reason})" if report.reason else ""))
     print(f"patch operations left: {report.patch_ops}")
     delta = report.params_after - report.params_before
@@ -141,7 +191,7 @@ def _add_export(sub: Any) -> None:
     fmt = p.add_subparsers(dest="format", required=True)
     o = fmt.add_parser("onnx", help="ONNX graph with KV cache, validated in ONNX Runtime")
     o.add_argument("model", help="patched checkpoint dir, or alias / model dir / .gguf / hub id")
-    o.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_out(o, "output directory")
     o.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     o.add_argument(
         "--optimize",
@@ -160,6 +210,7 @@ def _add_export(sub: Any) -> None:
     t = fmt.add_parser("tensorrt", help="TensorRT engine from an ONNX export (needs TensorRT)")
     t.add_argument("onnx_dir", type=Path, help="directory written by 'lp-deploy export onnx'")
     t.add_argument("--out", type=Path, default=None, help="engine file (default: DIR/model.plan)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing engine file")
     t.add_argument("--fp16", action="store_true")
     t.add_argument("--max-batch", type=int, default=4)
     t.add_argument("--max-seq", type=int, default=512)
@@ -173,6 +224,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     cfg = OnnxExportConfig(
         model=args.model,
         out=args.out,
+        overwrite=args.overwrite,
         dtype=args.dtype,
         optimize=args.optimize,
         opset=args.opset,
@@ -180,7 +232,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         text=args.text,
         decode_steps=args.decode_steps,
     )
-    out = export_onnx(cfg)
+    out = export_onnx(cfg).out
     r = read_report(out)
     print(
         f"\nexported {r['num_layers']} layers ({r['dtype']}, opset {r['opset']}) "
@@ -205,6 +257,7 @@ def _run_export_tensorrt(args: argparse.Namespace) -> int:
     cfg = TensorRTConfig(
         onnx_dir=args.onnx_dir,
         out=args.out,
+        overwrite=args.overwrite,
         fp16=args.fp16,
         max_batch=args.max_batch,
         max_seq=args.max_seq,
@@ -214,11 +267,17 @@ def _run_export_tensorrt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_names() -> list[str]:
+    from lp_deploy.runtimes import RUNTIMES
+
+    return [name for spec in RUNTIMES.values() for name in (spec.name, *spec.aliases)]
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text with a runtime")
     p.add_argument("artifact", help="ONNX export dir (onnxruntime) or checkpoint/model (torch)")
     p.add_argument("prompt")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--runtime", default="torch", help=", ".join(_runtime_names()))
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -232,12 +291,13 @@ def _add_generate(sub: Any) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from lp_deploy.runtimes import create_runtime
+    from lp_deploy.runtimes.base import TextDeltas
 
     opts: dict[str, Any] = {"threads": args.threads}
     if args.dtype:
         opts["dtype"] = args.dtype
     rt = create_runtime(args.runtime, args.artifact, **opts)
-    ids = rt.generate(
+    tokens = rt.stream(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
@@ -246,7 +306,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    print(rt.decode(ids))
+    text = TextDeltas(rt.decode)
+    for token in tokens:
+        print(text.push(token), end="", flush=True)
+    print(text.finish(), flush=True)
     return 0
 
 
@@ -268,13 +331,11 @@ def _add_bench(sub: Any) -> None:
         "--runtime",
         action="append",
         default=None,
-        help="torch (default), onnxruntime, tensorrt; repeatable",
+        help=f"{', '.join(_runtime_names())}; default torch; repeatable",
     )
     p.add_argument("--tasks", default=None, help="QA tasks 'piqa,arc_easy,...' or 'all'")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task")
-    p.add_argument("--ppl", default=None, help="perplexity text file")
-    p.add_argument("--ppl-limit", type=int, default=None, help="first N windows")
-    p.add_argument("--ppl-seqlen", type=int, default=512)
+    _add_perplexity(p, "--ppl", None, "perplexity text file")
     p.add_argument("--latency", action="store_true")
     p.add_argument("--memory", action="store_true", help="peak RSS in a fresh process per case")
     p.add_argument("--prompt-lengths", type=_int_list, default=[128, 512, 2048])
@@ -286,7 +347,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
     p.add_argument("--eval-batch-size", type=int, default=4, help="QA scoring batch size")
     p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
-    p.add_argument("--out", type=Path, required=True, help="report directory")
+    _add_out(p, "report directory")
     p.set_defaults(handler=_run_bench)
 
 
@@ -302,9 +363,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         runtimes=args.runtime or ["torch"],
         tasks=args.tasks.split(",") if args.tasks else [],
         limit=args.limit,
-        ppl=args.ppl,
-        ppl_limit=args.ppl_limit,
-        ppl_seqlen=args.ppl_seqlen,
+        perplexity=_perplexity(args),
         latency=args.latency,
         memory=args.memory,
         prompt_lengths=args.prompt_lengths,
@@ -318,13 +377,14 @@ def _run_bench(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.quiet,
         command=shlex.join(["lp-deploy", *sys.argv[1:]]),
+        overwrite=args.overwrite,
     )
     result = run_bench(cfg)
-    print((args.out / "report.md").read_text())
-    for name, block in result["runtimes"].items():
+    print((result.out / "report.md").read_text())
+    for name, block in result.data["runtimes"].items():
         if block["status"] != "ok":
             print(f"warning: runtime {name} skipped: {block['reason']}", file=sys.stderr)
-    print(f"wrote {args.out}/report.json, report.md, {', '.join(result['plots'])}")
+    print(f"wrote {result.out}/report.json, report.md, {', '.join(result.plots)}")
     return 0
 
 
@@ -332,19 +392,16 @@ def _add_sweep(sub: Any) -> None:
     p = sub.add_parser("sweep", help="quality against the number of pruned layers")
     p.add_argument("model", help="alias (smollm2-135m), model directory, .gguf file or hub id")
     p.add_argument("--prune", default="1..8", help="'1..8', '1-8' or '2,4,6'")
+    from lp_deploy.benchmarks.sweep import sweep_kinds
+
     p.add_argument(
         "--patches",
         default="none,rotate",
-        help="comma list of none, rotate, diag, rotate+fold, diag+fold",
+        help=f"comma list of {', '.join(sweep_kinds())}",
     )
     p.add_argument("--select", default="cosine")
-    p.add_argument("--calib", default="wikitext-2/valid.txt")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ppl", default="wikitext-2/test.txt", help="text file, or 'none'")
-    p.add_argument("--ppl-seqlen", type=int, default=512)
-    p.add_argument("--ppl-limit", type=int, default=None)
+    _add_calibration(p)
+    _add_perplexity(p, "--ppl", _PPL.data, "perplexity text file, or 'none'")
     p.add_argument("--tasks", default=None, help="QA tasks per point ('copa,arc_easy' or 'all')")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task")
     p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
@@ -353,19 +410,16 @@ def _add_sweep(sub: Any) -> None:
         action="store_true",
         help="also time prompt + greedy decode of each point against dense (interleaved)",
     )
-    p.add_argument("--out", type=Path, required=True, help="writes sweep.json and sweep.png")
+    _add_out(p, "writes sweep.json and sweep.png")
     p.set_defaults(handler=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from lp_deploy.benchmarks.bench import parse_tasks, qa_evaluator
-    from lp_deploy.benchmarks.sweep import SweepConfig, parse_range, run_sweep
+    from lp_deploy.benchmarks.sweep import SweepConfig, check_kinds, parse_range, run_sweep
 
     patches = [p.strip() for p in args.patches.split(",") if p.strip()]
-    kinds = ("none", "rotate", "diag", "rotate+fold", "diag+fold")
-    bad = [p for p in patches if p not in kinds]
-    if bad or not patches:
-        raise ValueError(f"--patches: unknown kind(s) {bad}; choose from {', '.join(kinds)}")
+    check_kinds(patches)
     prune = parse_range(args.prune)
     if not prune or min(prune) < 1:
         raise ValueError(f"--prune needs positive layer counts, got {args.prune!r}")
@@ -375,21 +429,17 @@ def _run_sweep(args: argparse.Namespace) -> int:
         prune=prune,
         select=args.select,
         patches=patches,
-        calib=args.calib,
-        samples=args.samples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        ppl=None if args.ppl.lower() == "none" else args.ppl,
-        ppl_seqlen=args.ppl_seqlen,
-        ppl_limit=args.ppl_limit,
+        calibration=_calibration(args),
+        perplexity=_perplexity(args),
         out=args.out,
+        overwrite=args.overwrite,
         progress=not args.quiet,
         latency=args.latency,
     )
     extra = qa_evaluator(tasks, args.data_dir, args.limit, progress=not args.quiet)
     result = run_sweep(cfg, extra if tasks else None)
-    _print_sweep(result)
-    print(f"wrote {args.out}/sweep.json and sweep.png in {result['seconds']} s")
+    _print_sweep(result.data)
+    print(f"wrote {args.out}/sweep.json and sweep.png in {result.data['seconds']} s")
     return 0
 
 

@@ -25,3 +25,11 @@ class ModelSourceError(LpDeployError, FileNotFoundError):
 
 class VerificationError(LpDeployError):
     """A stage's own exactness check failed; nothing was written."""
+
+
+class DataError(LpDeployError, FileNotFoundError):
+    """A data file (calibration, evaluation, QA) cannot be found or read."""
+
+
+class OutputExistsError(LpDeployError, FileExistsError):
+    """``--out`` names something that is not a previous artifact of the same kind."""

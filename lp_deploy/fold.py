@@ -12,6 +12,7 @@ float64 and each tensor is cast back once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ import torch
 from torch import nn
 
 from lp_deploy.adapters import LayerAdapter, ModelAdapter, get_adapter
-from lp_deploy.calibration import calibration_windows
-from lp_deploy.checkpoint import PatchedModel, load_patched, save_patched
+from lp_deploy.artifacts import Kind, check_out
+from lp_deploy.calibration import CalibrationSpec
+from lp_deploy.checkpoint import load_patched, save_patched
 from lp_deploy.errors import VerificationError
 from lp_deploy.hadamard import hadamard_matrix, is_supported
+from lp_deploy.model import LoadedModel
 from lp_deploy.modules import LinearPatch, ScalePatch, unwrap
 from lp_deploy.prune import installed_patches, set_patch
 
@@ -34,17 +37,23 @@ log = logging.getLogger(__name__)
 DIAGONAL_TOL_EPS = 64.0
 
 
+#: verification windows taken from the checkpoint's calibration data when none are given
+VERIFY_SAMPLES, VERIFY_SEQLEN, VERIFY_SEED = 4, 256, 1
+
+
 @dataclass
 class FoldConfig:
-    """Options of the ``fold`` stage; mirrors ``lp-deploy fold``."""
+    """Options of the ``fold`` stage; mirrors ``lp-deploy fold``.
+
+    ``verify``: the windows on which folded and unfolded logits are compared; None: the
+    checkpoint's own calibration data (and text field), see :func:`default_verify_spec`.
+    """
 
     patched: Path
     out: Path | None = None
+    overwrite: bool = False
     rotate: bool = True
-    calib: str | None = None  # default: the checkpoint's calibration data
-    verify_samples: int = 4
-    verify_seqlen: int = 256
-    seed: int = 1
+    verify: CalibrationSpec | None = None
     tolerance: float = 1e-4  # max |logit diff| / max |logit|
     progress: bool = True
 
@@ -258,34 +267,39 @@ def _verify(
     return max_abs, rel
 
 
-def run_fold(cfg: FoldConfig) -> tuple[PatchedModel, FoldReport]:
+@dataclass
+class FoldResult:
+    """The folded model, what the fold did, and where it was written."""
+
+    model: LoadedModel
+    report: FoldReport
+    out: Path | None = None
+
+
+def default_verify_spec(meta: dict[str, Any]) -> CalibrationSpec:
+    """The checkpoint's calibration data and text field, 4 windows of 256 tokens (seed 1)."""
+    recorded = CalibrationSpec.from_dict(meta.get("calibration") or {})
+    return dataclasses.replace(
+        recorded, samples=VERIFY_SAMPLES, seqlen=VERIFY_SEQLEN, seed=VERIFY_SEED
+    )
+
+
+def run_fold(cfg: FoldConfig) -> FoldResult:
     """Load a patched checkpoint, fold it, verify against the unfolded model, save."""
+    if cfg.out is not None:
+        check_out(cfg.out, Kind.CHECKPOINT, cfg.overwrite)
     source = load_patched(cfg.patched)
     folded_model = copy.deepcopy(source.model)
     report = fold_model(folded_model, rotate=cfg.rotate)
-    calib = cfg.calib or source.meta["calibration"]["data"]
-    windows = calibration_windows(
-        source.tokenizer, calib, cfg.verify_samples, cfg.verify_seqlen, cfg.seed
-    )
+    spec = cfg.verify or default_verify_spec(source.meta)
+    windows = spec.windows(source.tokenizer)
     report.max_abs_diff, report.max_rel_diff = _verify(
         source.model, folded_model, windows, cfg.tolerance
     )
-    meta = {
-        **source.meta,
-        "fold": {
-            **asdict(report),
-            "tolerance": cfg.tolerance,
-            "verified_on": {"data": calib, "windows": list(windows.shape)},
-        },
-    }
-    meta.pop("patches", None)
-    folded = PatchedModel(folded_model, source.tokenizer, meta)
+    fold = {**asdict(report), "tolerance": cfg.tolerance, "verified_on": spec.to_dict()}
+    meta = {k: v for k, v in source.meta.items() if k != "patches"}
+    folded = LoadedModel(folded_model, source.tokenizer, {**meta, "fold": fold}, source.source)
     if cfg.out is not None:
-        save_patched(
-            folded_model,
-            source.tokenizer,
-            cfg.out,
-            meta,
-            extra={"fold_report.json": asdict(report)},
-        )
-    return folded, report
+        extra = {"fold_report.json": asdict(report)}
+        save_patched(folded, cfg.out, extra=extra, overwrite=cfg.overwrite)
+    return FoldResult(folded, report, cfg.out)

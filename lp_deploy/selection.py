@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lp_deploy.errors import PruningPlanError
 from lp_deploy.stats import ActivationStats
-
-METHODS = ("cosine", "bi")
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,29 @@ def select_bi(stats: ActivationStats, n: int) -> PruningPlan:
     return make_plan(num_layers, chosen, "bi", {"block_influence": influence})
 
 
+@dataclass(frozen=True)
+class SelectionMethod:
+    """A rule that picks ``n`` layers to delete from calibration statistics."""
+
+    name: str
+    description: str
+    select: Callable[[ActivationStats, int], PruningPlan]
+
+
+#: every statistics-based selection method, by name (a layer list is the manual alternative)
+SELECTION_METHODS: dict[str, SelectionMethod] = {
+    m.name: m
+    for m in (
+        SelectionMethod(
+            "cosine",
+            "the contiguous block [i, i+n) whose entering and leaving states are most similar",
+            select_cosine,
+        ),
+        SelectionMethod("bi", "ShortGPT: the n layers of lowest block influence", select_bi),
+    )
+}
+
+
 _RANGE = re.compile(r"^(\d+)\s*(?:-|:|\.\.)\s*(\d+)$")
 
 
@@ -136,8 +158,8 @@ def parse_layers(spec: str) -> list[int]:
             layers.append(int(part))
         else:
             raise PruningPlanError(
-                f"bad layer spec {part!r}; use 'cosine', 'bi', or layers like "
-                "'3,4,7' / '10-14' / '10:15'"
+                f"bad layer spec {part!r}; use one of {', '.join(SELECTION_METHODS)}, or "
+                "layers like '3,4,7' / '10-14' / '10:15'"
             )
     return layers
 
@@ -145,13 +167,13 @@ def parse_layers(spec: str) -> list[int]:
 def select(
     stats: ActivationStats | None, num_layers: int, n: int | None, method: str
 ) -> PruningPlan:
-    """Dispatch on ``method``: 'cosine', 'bi' or a manual layer spec."""
-    if method in METHODS:
+    """Dispatch on ``method``: a :data:`SELECTION_METHODS` name or a manual layer spec."""
+    if method in SELECTION_METHODS:
         if stats is None or n is None:
             raise PruningPlanError(
                 f"selection {method!r} needs calibration statistics and --prune N"
             )
-        return select_cosine(stats, n) if method == "cosine" else select_bi(stats, n)
+        return SELECTION_METHODS[method].select(stats, n)
     layers = parse_layers(method)
     if n is not None and n != len(set(layers)):
         raise PruningPlanError(

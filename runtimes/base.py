@@ -1,15 +1,15 @@
 """One interface for every runtime: ``forward`` with a KV cache, ``generate``, ``loglikelihood``.
 
-A runtime only implements :meth:`BaseRuntime.forward`; sampling, generation and
+A runtime only implements :meth:`Runtime.forward`; sampling, generation and
 lm-eval-style log-likelihood scoring (with batching and padding) are written once here.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -26,44 +26,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 PADDING_SIDES = ("left", "right")
-
-
-@runtime_checkable
-class Runtime(Protocol):
-    """What every runtime offers (PyTorch, ONNX Runtime, TensorRT)."""
-
-    name: str
-    tokenizer: PreTrainedTokenizerBase
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        past: Past | None = None,
-    ) -> tuple[torch.Tensor, Past]:
-        """float32 logits ``[batch, seq, vocab]`` and the present KV cache (past + new)."""
-        ...
-
-    def generate(
-        self,
-        prompt: Prompt,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        stop_token_ids: Sequence[int] | None = None,
-        seed: int | None = None,
-    ) -> list[int]:
-        """New token ids after ``prompt`` (text or ids), batch 1."""
-        ...
-
-    def loglikelihood(
-        self, requests: Sequence[tuple[str, str]], batch_size: int = 1
-    ) -> list[tuple[float, bool]]:
-        """Per ``(context, continuation)``: sum log p(continuation | context), is greedy."""
-        ...
 
 
 def parse_dtype(dtype: str | torch.dtype | None, runtime: str) -> torch.dtype | None:
@@ -148,8 +110,43 @@ def next_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class BaseRuntime(ABC):
-    """Shared logic over :meth:`forward`; subclasses set ``tokenizer`` and ``max_length``."""
+class TextDeltas:
+    """The text each new token adds to a generation, for streaming.
+
+    ``push`` returns what the tokens so far add to the text already returned; text is held
+    back while the tail is an incomplete character (U+FFFD) or while decoding the longer
+    sequence changes text already returned. The pieces plus ``finish()`` join to the decoded
+    whole wherever the tokenizer's decoding is prefix-stable (the held-back part otherwise).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _advance(self, final: bool) -> str:
+        text = self._decode(self.ids)
+        if (not final and text.endswith("\ufffd")) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        return self._advance(final=True)
+
+
+class Runtime(ABC):
+    """What every runtime offers (PyTorch, ONNX Runtime, TensorRT), and every consumer (the
+    bench, the lm-eval adapter, serving) types against.
+
+    A runtime implements :meth:`forward` and sets ``tokenizer``, ``max_length`` (the context
+    window) and ``eos_token_ids``; streaming, generation and lm-eval-style log-likelihood
+    scoring (with batching and padding) are written once here.
+    """
 
     name = "base"
     tokenizer: PreTrainedTokenizerBase
@@ -189,6 +186,54 @@ class BaseRuntime(ABC):
 
     # ------------------------------------------------------------------ generation
 
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a request that cannot fit the context window."""
+        if max_new_tokens < 0:
+            raise LpDeployError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prompt_tokens + max_new_tokens > self.max_length:
+            raise LpDeployError(
+                f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's context of {self.max_length} tokens; ask for at most "
+                f"{max(0, self.max_length - prompt_tokens)} new tokens or shorten the prompt"
+            )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        """New token ids after ``prompt`` (text or ids, batch 1), yielded as they are made;
+        greedy unless ``do_sample``; stops after a stop token (default: EOS)."""
+        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        ids = self._prompt_ids(prompt)
+        n = len(ids)
+        self.check_length(n, max_new_tokens)
+        if max_new_tokens == 0:
+            return
+        logits, past = self.forward(
+            torch.tensor([ids]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], None
+        )
+        for produced in range(1, max_new_tokens + 1):
+            token = next_token(logits[0, -1], cfg, gen)
+            yield token
+            if token in stops or produced == max_new_tokens:
+                return
+            logits, past = self.forward(
+                torch.tensor([[token]]),
+                torch.ones(1, n + 1, dtype=torch.long),
+                torch.tensor([[n]]),
+                past,
+            )
+            n += 1
+
     def generate(
         self,
         prompt: Prompt,
@@ -200,33 +245,17 @@ class BaseRuntime(ABC):
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
     ) -> list[int]:
-        """New token ids after ``prompt``; stops after a stop token (default: EOS)."""
-        cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
-        stops = set(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        ids = self._prompt_ids(prompt)
-        n = len(ids)
-        logits, past = self.forward(
-            torch.tensor([ids]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], None
-        )
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            token = next_token(logits[0, -1], cfg, gen)
-            out.append(token)
-            if token in stops or len(out) == max_new_tokens:
-                break
-            logits, past = self.forward(
-                torch.tensor([[token]]),
-                torch.ones(1, n + 1, dtype=torch.long),
-                torch.tensor([[n]]),
-                past,
+        """All of :meth:`stream`'s tokens."""
+        return list(
+            self.stream(
+                prompt, max_new_tokens, do_sample, temperature, top_k, top_p, stop_token_ids, seed
             )
-            n += 1
-        return out
+        )
 
     # ------------------------------------------------------------------ log-likelihood
 
-    def _context_token(self) -> int:
+    def context_token(self) -> int:
+        """What an empty context becomes: BOS, else EOS (lm-eval's ``HFLM`` rule)."""
         tok = self.tokenizer
         for cand in (tok.bos_token_id, tok.eos_token_id, *self.eos_token_ids):
             if cand is not None:
@@ -237,7 +266,7 @@ class BaseRuntime(ABC):
         """lm-eval's split: trailing context spaces move to the continuation; the
         continuation ids are the tail of ``encode(context + continuation)``."""
         if not context:
-            return [self._context_token()], self.encode(continuation)
+            return [self.context_token()], self.encode(continuation)
         spaces = len(context) - len(context.rstrip())
         if spaces:
             continuation = context[-spaces:] + continuation

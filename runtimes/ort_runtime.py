@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from lp_deploy.artifacts import CONFIG_FILE, ONNX_FILE
 from lp_deploy.errors import LpDeployError
 
-from .base import BaseRuntime, Past, dtype_name, eos_ids, parse_dtype
+from .base import Past, Runtime, dtype_name, eos_ids, parse_dtype
 
-ONNX_FILE = "model.onnx"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
@@ -80,7 +80,7 @@ def choose_providers(ort: Any, requested: Sequence[str] | None) -> list[str]:
     return list(requested)
 
 
-class OrtRuntime(BaseRuntime):
+class OrtRuntime(Runtime):
     """An ONNX export under ONNX Runtime (``intra_op_num_threads`` sets the CPU threads)."""
 
     name = "onnxruntime"
@@ -112,7 +112,7 @@ class OrtRuntime(BaseRuntime):
         self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
         self._read_io()
         self.padding_side = padding_side
-        config_file = self.artifact_dir / "config.json"
+        config_file = self.artifact_dir / CONFIG_FILE
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         self.max_length = int(self.config.get("max_position_embeddings") or 2048)
         self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)

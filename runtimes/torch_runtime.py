@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -10,51 +9,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lp_deploy.checkpoint import config_meta, load_patched
-from lp_deploy.errors import CheckpointError, ModelSourceError
 from lp_deploy.loading import load_model
 
-from .base import BaseRuntime, Past, eos_ids, parse_dtype
-
-ONNX_FILE = "model.onnx"
-
-
-@dataclass
-class LoadedSource:
-    """A model to run or export: dense or patched, with its ``lp_deploy`` metadata."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    meta: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-
-
-def _config_meta(path: Path) -> dict[str, Any] | None:
-    try:
-        return config_meta(path)
-    except CheckpointError as exc:
-        raise ModelSourceError(str(exc)) from exc
-
-
-def load_source(source: str | Path, dtype: torch.dtype | None = None) -> LoadedSource:
-    """A patched checkpoint dir (``lp_deploy`` section with a plan) or any ``load_model`` source."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / ONNX_FILE).is_file():
-        raise ModelSourceError(
-            f"{path} is an ONNX export (model.onnx), not PyTorch weights; run it with the "
-            "onnxruntime runtime, or point at the checkpoint it was exported from"
-        )
-    meta = _config_meta(path) if path.is_dir() else None
-    if meta is not None and "plan" in meta:
-        patched = load_patched(path, dtype=dtype)
-        return LoadedSource(patched.model, patched.tokenizer, patched.meta, {"kind": "patched"})
-    try:
-        loaded = load_model(str(source), dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, ModelSourceError):
-            raise
-        raise ModelSourceError(f"cannot load a model from {str(source)!r}: {exc}") from exc
-    return LoadedSource(loaded.model, loaded.tokenizer, {}, dict(loaded.source))
+from .base import Past, Runtime, eos_ids, parse_dtype
 
 
 def kv_cache(model: PreTrainedModel, past: Past | None) -> DynamicCache:
@@ -70,7 +27,7 @@ def cache_tensors(cache: Any) -> Past:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-class TorchRuntime(BaseRuntime):
+class TorchRuntime(Runtime):
     """Eager PyTorch on ``device``; ``compile=True`` wraps the model in ``torch.compile``."""
 
     name = "torch"
@@ -102,8 +59,7 @@ class TorchRuntime(BaseRuntime):
         **opts: Any,
     ) -> TorchRuntime:
         """From a patched checkpoint dir or a dense source (alias, model dir, gguf, hub id)."""
-        torch_dtype = parse_dtype(dtype, "torch")
-        loaded = load_source(artifact, torch_dtype)
+        loaded = load_model(artifact, parse_dtype(dtype, "torch"))
         return cls(loaded.model, loaded.tokenizer, **opts)
 
     @property

@@ -228,6 +228,7 @@ def tiny_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, text_file: Path
 ) -> Path:
     """A patched checkpoint written by the ``patch`` stage (2 of 8 layers, rotate)."""
+    from lp_deploy.calibration import CalibrationSpec
     from lp_deploy.pipeline import PatchConfig, run_patch
 
     out = tmp_path_factory.mktemp("tiny-ckpt") / "patched"
@@ -237,9 +238,7 @@ def tiny_checkpoint(
             prune=2,
             select="cosine",
             patch="rotate",
-            calib=str(text_file),
-            samples=4,
-            seqlen=32,
+            calibration=CalibrationSpec(str(text_file), samples=4, seqlen=32),
             out=out,
             progress=False,
         )
@@ -253,7 +252,7 @@ def tiny_checkpoint(
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The evaluation data dir (wikitext-2); skips when it is absent."""
-    from lp_deploy.calibration import default_data_dir
+    from lp_deploy.data import default_data_dir
 
     path = default_data_dir()
     needed = [path / "wikitext-2" / "valid.txt", path / "wikitext-2" / "test.txt"]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from lp_deploy.artifacts import MANIFEST_FILE
 from lp_deploy.benchmarks.bench import (
     BenchConfig,
     check_config,
@@ -24,6 +25,7 @@ from lp_deploy.checkpoint import load_patched
 from lp_deploy.cli import main
 from lp_deploy.errors import LpDeployError
 from lp_deploy.modules import ScalePatch
+from lp_deploy.perplexity import PerplexitySpec
 
 # --------------------------------------------------------------------------- hand counts
 # The conftest tiny Llama: hidden 64, 4 heads of 16, 2 KV heads, MLP 128, vocab 128, untied.
@@ -81,7 +83,7 @@ def test_prefill_and_decode_flops() -> None:
 
 @pytest.fixture(scope="session")
 def qa_dir() -> Path:
-    from lp_deploy.calibration import default_data_dir
+    from lp_deploy.data import default_data_dir
 
     path = default_data_dir()
     if not (path / "copa" / "val.jsonl").is_file() or not (path / "arc").is_dir():
@@ -145,9 +147,7 @@ def torch_report(
         runtimes=["torch", "tensorrt"],
         tasks=["copa", "arc_easy"],
         limit=6,
-        ppl=str(text_file),
-        ppl_seqlen=32,
-        ppl_limit=2,
+        perplexity=PerplexitySpec(str(text_file), seqlen=32, limit=2),
         latency=True,
         memory=True,
         prompt_lengths=[16],
@@ -167,7 +167,8 @@ def test_report_files(torch_report: tuple[Path, dict[str, Any]]) -> None:
 
     out, data = torch_report
     names = {p.name for p in out.iterdir()}
-    assert names == {"report.json", "report.md", "accuracy.png", "latency.png", "memory.png"}
+    plots = {"accuracy.png", "latency.png", "memory.png"}
+    assert names == {"report.json", "report.md", *plots, MANIFEST_FILE}
     for png in ("accuracy.png", "latency.png", "memory.png"):
         height, width, _ = matplotlib.image.imread(out / png).shape
         assert height > 300 and width > 500
@@ -271,7 +272,7 @@ def onnx_report(
         data_dir=qa_dir,
         progress=False,
     )
-    return cfg, run_bench(cfg)
+    return cfg, run_bench(cfg).data
 
 
 def test_onnx_exported_on_the_fly(onnx_report: tuple[BenchConfig, dict[str, Any]]) -> None:
@@ -296,7 +297,7 @@ def test_onnx_export_is_reused(onnx_report: tuple[BenchConfig, dict[str, Any]]) 
     onnx = Path(cfg.out) / "artifacts" / "patched-onnx" / "model.onnx"
     before = onnx.stat().st_mtime_ns
     cfg.latency = False
-    result = run_bench(cfg)
+    result = run_bench(cfg).data
     assert onnx.stat().st_mtime_ns == before
     assert result["runtimes"]["onnxruntime"]["status"] == "ok"
     assert (Path(cfg.out) / "report.json").is_file()

@@ -16,17 +16,18 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from lp_deploy.adapters import get_adapter
+from lp_deploy.artifacts import META_KEY, WEIGHTS_FILE
 from lp_deploy.calibration import sample_windows
 from lp_deploy.checkpoint import (
-    META_KEY,
     PATCH_PREFIX,
-    WEIGHTS,
     CheckpointError,
     load_patched,
     save_patched,
     without_patches,
 )
+from lp_deploy.errors import OutputExistsError
 from lp_deploy.fit import fit_patches
+from lp_deploy.model import LoadedModel
 from lp_deploy.modules import LinearPatch, PatchedInput, ScalePatch, unwrap
 from lp_deploy.prune import apply_plan, installed_patches
 from lp_deploy.selection import Gap, PruningPlan, make_plan
@@ -188,9 +189,17 @@ def test_generation_with_cache_equals_without(
 # --------------------------------------------------------------------------- save / load
 
 
-def _save(model: PreTrainedModel, tokenizer: Any, plan: PruningPlan, out: Path, kind: str) -> Path:
+def _save(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    plan: PruningPlan,
+    out: Path,
+    kind: str,
+    overwrite: bool = False,
+) -> Path:
     meta = {"plan": plan.to_dict(), "patch": {"kind": kind}}
-    return save_patched(model, tokenizer, out, meta, extra={"note.json": {"hello": 1}})
+    loaded = LoadedModel(model, tokenizer, meta)
+    return save_patched(loaded, out, extra={"note.json": {"hello": 1}}, overwrite=overwrite)
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
@@ -218,7 +227,7 @@ def test_save_load_round_trip(
     # (c) layout
     assert [p.name for p in out.parent.iterdir()] == ["patched"]  # no temp / old dirs left
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json"} <= names
     assert json.loads((out / "note.json").read_text()) == {"hello": 1}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == len(plan.kept)
@@ -229,7 +238,7 @@ def test_save_load_round_trip(
     assert "toolkit_version" in section
     if arch in ("qwen2", "qwen3"):
         assert len(cfg["layer_types"]) == len(plan.kept)
-    with safe_open(str(out / WEIGHTS), "pt") as fh:
+    with safe_open(str(out / WEIGHTS_FILE), "pt") as fh:
         keys = set(fh.keys())
     assert {k for k in keys if k.startswith(PATCH_PREFIX)} == {r["key"] for r in section["patches"]}
     assert ("lm_head.weight" in keys) == (not tied)
@@ -280,15 +289,22 @@ def test_saving_over_an_existing_checkpoint_replaces_it(
     out = tmp_path / "out"
     first, plan1, _ = _patched(tiny_model, calib_ids, "qwen3", False, [3, 4], "rotate")
     _save(first, tokenizer, plan1, out, "rotate")
-    (out / "stale.txt").write_text("from the first run")
     second, plan2, _ = _patched(tiny_model, calib_ids, "qwen3", False, [0, 6, 7], "diag")
-    _save(second, tokenizer, plan2, out, "diag")
+    _save(second, tokenizer, plan2, out, "diag")  # an earlier checkpoint: replaced
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert not (out / "stale.txt").exists()
-    loaded = load_patched(out)
-    assert loaded.meta["plan"]["removed"] == [0, 6, 7]
     ids = _ids(calib_ids)
-    assert (_logits(loaded.model, ids) - _logits(second, ids)).abs().max() <= 1e-6
+    assert load_patched(out).meta["plan"]["removed"] == [0, 6, 7]
+
+    # A file lp-deploy did not write: refused, and with overwrite kept beside the new files.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"notes\.txt.*--overwrite"):
+        _save(first, tokenizer, plan1, out, "rotate")
+    assert load_patched(out).meta["plan"]["removed"] == [0, 6, 7]
+    _save(first, tokenizer, plan1, out, "rotate", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    loaded = load_patched(out)
+    assert loaded.meta["plan"]["removed"] == [3, 4]
+    assert (_logits(loaded.model, ids) - _logits(first, ids)).abs().max() <= 1e-6
 
 
 def test_failed_save_leaves_nothing_behind(
@@ -340,14 +356,14 @@ def _load_error(path: Path) -> str:
 
 @pytest.mark.parametrize("keep", [100, -1000])
 def test_truncated_weights(checkpoint: Path, keep: int) -> None:
-    weights = checkpoint / WEIGHTS
+    weights = checkpoint / WEIGHTS_FILE
     os.truncate(weights, keep if keep > 0 else weights.stat().st_size + keep)
     msg = _load_error(checkpoint)
-    assert "corrupt or truncated" in msg and WEIGHTS in msg
+    assert "corrupt or truncated" in msg and WEIGHTS_FILE in msg
 
 
 def test_missing_weights(checkpoint: Path) -> None:
-    (checkpoint / WEIGHTS).unlink()
+    (checkpoint / WEIGHTS_FILE).unlink()
     assert "is missing" in _load_error(checkpoint)
 
 
@@ -363,7 +379,7 @@ def test_layer_count_inconsistent_with_the_plan(checkpoint: Path) -> None:
 
 
 def test_missing_patch_tensor(checkpoint: Path) -> None:
-    weights = checkpoint / WEIGHTS
+    weights = checkpoint / WEIGHTS_FILE
     tensors = load_file(str(weights))
     key = f"{PATCH_PREFIX}5.weight"
     assert key in tensors
@@ -374,7 +390,7 @@ def test_missing_patch_tensor(checkpoint: Path) -> None:
 
 
 def test_missing_layer_tensor(checkpoint: Path) -> None:
-    weights = checkpoint / WEIGHTS
+    weights = checkpoint / WEIGHTS_FILE
     tensors = load_file(str(weights))
     del tensors["model.layers.4.mlp.down_proj.weight"]
     save_file(tensors, str(weights), metadata={"format": "pt"})

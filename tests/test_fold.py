@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lp_deploy.adapters import get_adapter
+from lp_deploy.calibration import CalibrationSpec
 from lp_deploy.errors import VerificationError
 from lp_deploy.fit import fit_patches
 from lp_deploy.fold import compare_logits, count_patch_ops, fold_model
@@ -148,7 +149,7 @@ def test_non_diagonal_patch_stays_matmul_but_exact(tiny_model: Factory) -> None:
 
 
 def test_run_fold_refuses_to_write_a_wrong_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, text_file: Path
 ) -> None:
     import lp_deploy.fold as fold
 
@@ -163,17 +164,29 @@ def test_run_fold_refuses_to_write_a_wrong_model(
     monkeypatch.setattr(fold, "rotate_model", broken)
     out = tmp_path / "folded"
     with pytest.raises(VerificationError, match="nothing was written"):
-        fold.run_fold(fold.FoldConfig(patched=tiny_checkpoint, out=out, verify_seqlen=16))
+        fold.run_fold(
+            fold.FoldConfig(
+                patched=tiny_checkpoint, out=out, verify=CalibrationSpec(str(text_file), 4, 16, 1)
+            )
+        )
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
-def test_run_fold_writes_a_reloadable_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_run_fold_writes_a_reloadable_checkpoint(
+    tmp_path: Path, tiny_checkpoint: Path, text_file: Path
+) -> None:
     from lp_deploy.checkpoint import load_patched
     from lp_deploy.fold import FoldConfig, run_fold
 
     out = tmp_path / "folded"
-    folded, report = run_fold(FoldConfig(patched=tiny_checkpoint, out=out, verify_seqlen=16))
+    result = run_fold(
+        FoldConfig(
+            patched=tiny_checkpoint, out=out, verify=CalibrationSpec(str(text_file), 4, 16, 1)
+        )
+    )
+    folded, report = result.model, result.report
+    assert result.out == out
     reloaded = load_patched(out)
     assert reloaded.meta["fold"]["mode"] == "rotated"
     assert count_patch_ops(reloaded.adapter) == report.patch_ops

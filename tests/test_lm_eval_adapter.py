@@ -33,8 +33,9 @@ from lp_deploy.benchmarks.lm_eval_adapter import (  # noqa: E402
     parse_batch_size,
     torch_device,
 )
+from lp_deploy.data import default_data_dir  # noqa: E402
 from lp_deploy.errors import LpDeployError  # noqa: E402
-from lp_deploy.runtimes.base import Past  # noqa: E402
+from lp_deploy.runtimes.base import Past, Runtime  # noqa: E402
 from lp_deploy.runtimes.torch_runtime import TorchRuntime  # noqa: E402
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -59,7 +60,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def qa_dir() -> Path:
-    path: Path = qa.default_data_dir()
+    path: Path = default_data_dir()
     needed = ("copa/val.jsonl", "arc/ARC-Easy-Test.jsonl")
     missing = [f for f in needed if not (path / f).is_file()]
     if missing:
@@ -257,15 +258,16 @@ def test_generate_until(tiny_runtime: TorchRuntime) -> None:
         lm.generate_until([_instance("generate_until", (SENTENCE, {"max_gen_toks": 10**6}))])
 
 
-class _ProtocolOnly:
-    """A runtime with only the ``Runtime`` protocol (no token-level scoring helpers)."""
+class _ForwardOnly(Runtime):
+    """A third-party runtime: only ``forward`` (and the attributes) of the interface."""
 
-    name = "protocol-only"
+    name = "forward-only"
 
     def __init__(self, rt: TorchRuntime) -> None:
         self._rt = rt
         self.tokenizer = rt.tokenizer
         self.max_length = rt.max_length
+        self.eos_token_ids = rt.eos_token_ids
 
     def forward(
         self,
@@ -276,20 +278,12 @@ class _ProtocolOnly:
     ) -> tuple[torch.Tensor, Past]:
         return self._rt.forward(input_ids, attention_mask, position_ids, past)
 
-    def generate(self, prompt: Any, max_new_tokens: int = 32, **kwargs: Any) -> list[int]:
-        return self._rt.generate(prompt, max_new_tokens, **kwargs)
 
-    def loglikelihood(
-        self, requests: Sequence[tuple[str, str]], batch_size: int = 1
-    ) -> list[tuple[float, bool]]:
-        return self._rt.loglikelihood(requests, batch_size)
-
-
-def test_protocol_only_runtime(tiny_runtime: TorchRuntime, tokenizer: Any) -> None:
-    """Without ``encode_pair``/``loglikelihood_tokens`` the adapter scores with ``forward``."""
+def test_runtime_implementing_only_forward(tiny_runtime: TorchRuntime) -> None:
+    """The interface gives a runtime that implements ``forward`` everything lm-eval needs."""
     requests = [("the city of", " the river"), ("the city ", "of the"), ("", "the city")]
     want = tiny_runtime.loglikelihood(requests, batch_size=2)
-    lm = LpDeployLM(runtime=_ProtocolOnly(tiny_runtime), batch_size=2)
+    lm = LpDeployLM(runtime=_ForwardOnly(tiny_runtime), batch_size=2)
     got = lm.loglikelihood([_instance("loglikelihood", r) for r in requests])
     assert [g for _, g in got] == [g for _, g in want]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-5)
@@ -297,6 +291,8 @@ def test_protocol_only_runtime(tiny_runtime: TorchRuntime, tokenizer: Any) -> No
     assert lm.loglikelihood_rolling(rolling) == pytest.approx(
         LpDeployLM(runtime=tiny_runtime).loglikelihood_rolling(rolling), abs=1e-5
     )
+    with pytest.raises(LpDeployError, match=r"subclass of lp_deploy\.runtimes\.Runtime"):
+        LpDeployLM(runtime=object())  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- construction

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -11,14 +12,23 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from lp_deploy.adapters import get_adapter, supported_model_types
+from lp_deploy.aliases import ALIASES, DEFAULT_MODEL
+from lp_deploy.artifacts import Kind, inspect_artifact
+from lp_deploy.calibration import CalibrationSpec
 from lp_deploy.errors import ModelSourceError, UnsupportedArchitectureError
 from lp_deploy.hadamard import UnsupportedHadamardSize, is_supported
-from lp_deploy.loading import ALIASES, DEFAULT_MODEL, load_model, resolve_source
+from lp_deploy.loading import load_model
 from lp_deploy.modules import ScalePatch
 from lp_deploy.pipeline import PatchConfig, run_patch
 from lp_deploy.prune import installed_patches
 
-# --------------------------------------------------------------------------- resolve_source
+
+def resolve_source(source: str) -> tuple[str, object]:
+    artifact = inspect_artifact(source)
+    return artifact.kind.value, artifact.location
+
+
+# --------------------------------------------------------------------------- inspect_artifact
 
 
 def test_alias() -> None:
@@ -27,7 +37,7 @@ def test_alias() -> None:
 
 
 def test_model_dir(tiny_model_dir: Path) -> None:
-    assert resolve_source(str(tiny_model_dir)) == ("dir", tiny_model_dir)
+    assert resolve_source(str(tiny_model_dir)) == ("model", tiny_model_dir)
 
 
 def test_gguf_file(tmp_path: Path) -> None:
@@ -126,7 +136,12 @@ def test_pipeline_rejects_an_unsupported_architecture(tmp_path: Path, tokenizer:
     tokenizer.save_pretrained(tmp_path / "gpt2")  # type: ignore[attr-defined]
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'"):
         run_patch(
-            PatchConfig(model=str(tmp_path / "gpt2"), prune=1, calib="missing.txt", progress=False)
+            PatchConfig(
+                model=str(tmp_path / "gpt2"),
+                prune=1,
+                calibration=CalibrationSpec("missing.txt"),
+                progress=False,
+            )
         )
 
 
@@ -135,7 +150,7 @@ def test_pipeline_rejects_an_unsupported_architecture(tmp_path: Path, tokenizer:
 
 def test_load_local_dir(tiny_model_dir: Path) -> None:
     loaded = load_model(str(tiny_model_dir))
-    assert loaded.source["kind"] == "dir"
+    assert loaded.source["kind"] == Kind.MODEL.value
     assert loaded.source["source"] == str(tiny_model_dir)
     digest = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert loaded.source["sha256"] == {"model.safetensors": digest}
@@ -180,23 +195,22 @@ def test_unsupported_hidden_size_with_rotate(
 ) -> None:
     assert not is_supported(HIDDEN)
     path = save_tiny_model(num_layers=4, hidden=HIDDEN, heads=5, kv_heads=1)
-    cfg = PatchConfig(
-        model=str(path), prune=1, patch="rotate", calib=str(text_file), samples=2, seqlen=16
-    )
+    spec = CalibrationSpec(str(text_file), samples=2, seqlen=16)
+    cfg = PatchConfig(model=str(path), prune=1, patch="rotate", calibration=spec)
     cfg.progress = False
     with pytest.raises(UnsupportedHadamardSize, match=r"d=50.*--patch diag") as info:
         run_patch(cfg)
     assert info.value.size == HIDDEN
 
     # The check comes before calibration: a missing calibration file is not reached.
-    cfg.calib = str(text_file.parent / "missing.txt")
+    cfg.calibration = dataclasses.replace(spec, data=str(text_file.parent / "missing.txt"))
     with pytest.raises(UnsupportedHadamardSize):
         run_patch(cfg)
 
     # --patch diag works on the same model.
-    cfg.calib, cfg.patch = str(text_file), "diag"
+    cfg.calibration, cfg.patch = spec, "diag"
     result = run_patch(cfg)
     assert result.stats is not None and result.stats.abs_rot_sum is None
     assert len(result.plan.removed) == 1
-    patches = installed_patches(result.patched.adapter)
+    patches = installed_patches(result.model.adapter)
     assert len(patches) == 1 and all(isinstance(p, ScalePatch) for p in patches.values())

@@ -17,9 +17,15 @@ from onnx import numpy_helper
 from lp_deploy.adapters import get_adapter
 from lp_deploy.checkpoint import save_patched
 from lp_deploy.cli import main
-from lp_deploy.errors import LpDeployError, ModelSourceError, VerificationError
+from lp_deploy.errors import (
+    LpDeployError,
+    ModelSourceError,
+    OutputExistsError,
+    VerificationError,
+)
 from lp_deploy.exporters import onnx as onnx_export
 from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report, tolerances
+from lp_deploy.model import LoadedModel
 from lp_deploy.modules import LinearPatch, ScalePatch
 from lp_deploy.prune import apply_plan
 from lp_deploy.selection import make_plan
@@ -48,7 +54,7 @@ def make_checkpoint(
             patches[gap] = ScalePatch(1.0 + 0.2 * torch.randn(HIDDEN, generator=gen))
     apply_plan(get_adapter(model), plan, patches)
     meta = {"plan": plan.to_dict(), "patch": {"kind": kind}}
-    return save_patched(model, build_tokenizer(), out, meta)
+    return save_patched(LoadedModel(model, build_tokenizer(), meta), out)
 
 
 def patch_tensors(ckpt: Path) -> list[np.ndarray]:
@@ -91,7 +97,9 @@ def linear_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def linear_export(linear_ckpt: Path) -> Path:
-    return export_onnx(OnnxExportConfig(model=str(linear_ckpt), out=linear_ckpt.parent / "onnx"))
+    return export_onnx(
+        OnnxExportConfig(model=str(linear_ckpt), out=linear_ckpt.parent / "onnx")
+    ).out
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +115,7 @@ def scale_export(scale_ckpt: Path) -> Path:
     cfg = OnnxExportConfig(
         model=str(scale_ckpt), out=scale_ckpt.parent / "onnx", external_data=True
     )
-    return export_onnx(cfg)
+    return export_onnx(cfg).out
 
 
 # --------------------------------------------------------------------------- layout
@@ -193,7 +201,9 @@ def test_folded_checkpoint_exports_per_channel_mul(tiny_checkpoint: Path, tmp_pa
 
     folded = tmp_path / "folded"
     run_fold(FoldConfig(patched=tiny_checkpoint, out=folded, progress=False))
-    out = export_onnx(OnnxExportConfig(model=str(folded), out=tmp_path / "onnx", decode_steps=2))
+    out = export_onnx(
+        OnnxExportConfig(model=str(folded), out=tmp_path / "onnx", decode_steps=2)
+    ).out
     model, inits = load_graph(out)
     patches = patch_tensors(folded)
     assert patches and all(p.ndim == 1 for p in patches)
@@ -208,7 +218,7 @@ def test_folded_checkpoint_exports_per_channel_mul(tiny_checkpoint: Path, tmp_pa
 def test_optimize_applies_fusions_and_validates(linear_ckpt: Path, tmp_path: Path) -> None:
     out = export_onnx(
         OnnxExportConfig(model=str(linear_ckpt), out=tmp_path / "opt", optimize=2, decode_steps=4)
-    )
+    ).out
     report = read_report(out)
     assert report["optimize"] == 2
     assert report["fusions"].get("skip_rms_normalization", 0) > 0
@@ -283,10 +293,10 @@ def test_refuses_to_replace_a_non_export_dir(linear_ckpt: Path, tmp_path: Path) 
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "data.txt").write_text("precious")
-    with pytest.raises(LpDeployError, match="not an ONNX export"):
+    with pytest.raises(OutputExistsError, match=r"data\.txt.*--overwrite"):
         export_onnx(OnnxExportConfig(model=str(linear_ckpt), out=keep))
     assert (keep / "data.txt").read_text() == "precious"
-    with pytest.raises(LpDeployError, match="model directory itself"):
+    with pytest.raises(OutputExistsError, match="is an lp-deploy checkpoint"):
         export_onnx(OnnxExportConfig(model=str(linear_ckpt), out=linear_ckpt))
 
 
@@ -365,10 +375,12 @@ def test_optimum_ort_model_generates_same_tokens(linear_export: Path) -> None:
 @pytest.fixture(scope="module")
 def smol_patched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M, 5 of 30 layers pruned, rotate patch (unfolded)."""
+    from lp_deploy.calibration import CalibrationSpec
     from lp_deploy.pipeline import PatchConfig, run_patch
 
     out = tmp_path_factory.mktemp("smol") / "patched"
-    cfg = PatchConfig(model="smollm2-135m", prune=5, samples=4, seqlen=128, out=out, progress=False)
+    spec = CalibrationSpec(samples=4, seqlen=128)
+    cfg = PatchConfig(model="smollm2-135m", prune=5, calibration=spec, out=out, progress=False)
     try:
         run_patch(cfg)
     except ModelSourceError as exc:
@@ -399,7 +411,7 @@ def test_smollm2_fp32_matches_torch(smol_patched: Path, tmp_path: Path) -> None:
     from lp_deploy.runtimes.ort_runtime import OrtRuntime
     from lp_deploy.runtimes.torch_runtime import TorchRuntime
 
-    out = export_onnx(OnnxExportConfig(model=str(smol_patched), out=tmp_path / "fp32"))
+    out = export_onnx(OnnxExportConfig(model=str(smol_patched), out=tmp_path / "fp32")).out
     assert read_report(out)["validation"]["passed"]
     ort_rt, ref = OrtRuntime(out), TorchRuntime.from_artifact(smol_patched)
     prefill_diff, decode_diff = _compare_on_wikitext(ort_rt, ref)
@@ -419,7 +431,7 @@ def test_smollm2_fp16_greedy_identical(smol_patched: Path, tmp_path: Path) -> No
 
     out = export_onnx(
         OnnxExportConfig(model=str(smol_patched), out=tmp_path / "fp16", dtype="fp16")
-    )
+    ).out
     v = read_report(out)["validation"]
     assert v["passed"] and v["tolerance"] < 0.05 * v["logit_scale"]
     ort_rt, ref = OrtRuntime(out), TorchRuntime.from_artifact(smol_patched)

@@ -13,6 +13,7 @@ import pytest
 
 from lp_deploy.benchmarks import qa
 from lp_deploy.benchmarks.qa import Example, Request, TaskResult
+from lp_deploy.data import default_data_dir
 
 QA_FILES = (
     "piqa/valid.jsonl",
@@ -50,7 +51,7 @@ PARTIAL = {"winogrande", "wsc273"}  # one context per choice, shared continuatio
 
 @pytest.fixture(scope="module")
 def qa_dir() -> Path:
-    path: Path = qa.default_data_dir()
+    path: Path = default_data_dir()
     missing = [f for f in QA_FILES if not (path / f).is_file()]
     if missing:
         pytest.skip(f"QA data not found in {path} ({', '.join(missing)}); set LP_DEPLOY_DATA_DIR")
@@ -322,7 +323,7 @@ def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_default_data_dir_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LP_DEPLOY_DATA_DIR", str(tmp_path))
-    assert qa.default_data_dir() == tmp_path
+    assert default_data_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match="wsc273"):
         qa.load_task("wsc273")
 

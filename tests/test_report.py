@@ -116,9 +116,7 @@ def synthetic_result() -> dict[str, Any]:
         "config": {
             "prompt_lengths": [64],
             "tasks": ["copa", "arc_easy"],
-            "ppl": "test.txt",
-            "ppl_seqlen": 512,
-            "ppl_limit": 4,
+            "perplexity": {"data": "test.txt", "seqlen": 512, "limit": 4},
             "repeats": 3,
             "warmup": 1,
             "decode_tokens": 8,

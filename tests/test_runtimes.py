@@ -10,7 +10,7 @@ import torch
 from lp_deploy.cli import main
 from lp_deploy.errors import LpDeployError, ModelSourceError
 from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
-from lp_deploy.runtimes import BaseRuntime, Runtime, create_runtime
+from lp_deploy.runtimes import Runtime, create_runtime
 from lp_deploy.runtimes.base import SamplingConfig, next_token, pad_batch, positions_from_mask
 from lp_deploy.runtimes.ort_runtime import OrtRuntime
 from lp_deploy.runtimes.torch_runtime import TorchRuntime
@@ -28,23 +28,21 @@ REQUESTS = [
 @pytest.fixture(scope="module")
 def dense_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dense-onnx") / "onnx"
-    return export_onnx(OnnxExportConfig(model=str(tiny_model_dir), out=out, decode_steps=2))
+    return export_onnx(OnnxExportConfig(model=str(tiny_model_dir), out=out, decode_steps=2)).out
 
 
 @pytest.fixture(scope="module")
-def ort_rt(dense_export: Path) -> BaseRuntime:
+def ort_rt(dense_export: Path) -> Runtime:
     return create_runtime("onnxruntime", dense_export, threads=1)
 
 
 @pytest.fixture(scope="module")
-def torch_rt(tiny_model_dir: Path) -> BaseRuntime:
+def torch_rt(tiny_model_dir: Path) -> Runtime:
     return create_runtime("torch", tiny_model_dir)
 
 
 @pytest.fixture(params=["torch", "onnxruntime"])
-def runtime(
-    request: pytest.FixtureRequest, ort_rt: BaseRuntime, torch_rt: BaseRuntime
-) -> BaseRuntime:
+def runtime(request: pytest.FixtureRequest, ort_rt: Runtime, torch_rt: Runtime) -> Runtime:
     return torch_rt if request.param == "torch" else ort_rt
 
 
@@ -55,12 +53,12 @@ def _ids(n: int, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------- forward
 
 
-def test_both_implement_the_protocol(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+def test_both_implement_the_protocol(ort_rt: Runtime, torch_rt: Runtime) -> None:
     assert isinstance(ort_rt, Runtime) and isinstance(torch_rt, Runtime)
     assert isinstance(ort_rt, OrtRuntime) and isinstance(torch_rt, TorchRuntime)
 
 
-def test_forward_with_cache_matches(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+def test_forward_with_cache_matches(ort_rt: Runtime, torch_rt: Runtime) -> None:
     ids = _ids(24)[None]
     pos = torch.arange(20)[None]
     results = []
@@ -79,7 +77,7 @@ def test_forward_with_cache_matches(ort_rt: BaseRuntime, torch_rt: BaseRuntime) 
     assert max((x - y).abs().max() for (x, _), (y, _) in zip(pa, pb, strict=True)) < 1e-4
 
 
-def test_left_padded_batch_equals_single_rows(runtime: BaseRuntime) -> None:
+def test_left_padded_batch_equals_single_rows(runtime: Runtime) -> None:
     rows = [_ids(9, 1).tolist(), _ids(16, 2).tolist()]
     ids, mask, offsets = pad_batch(rows, 0, "left")
     logits, past = runtime.forward(ids, mask, positions_from_mask(mask), None)
@@ -99,7 +97,7 @@ def test_left_padded_batch_equals_single_rows(runtime: BaseRuntime) -> None:
 # --------------------------------------------------------------------------- generate
 
 
-def test_greedy_generation_matches_transformers(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+def test_greedy_generation_matches_transformers(ort_rt: Runtime, torch_rt: Runtime) -> None:
     assert isinstance(torch_rt, TorchRuntime)
     prompt = torch_rt.tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
@@ -116,14 +114,14 @@ def test_greedy_generation_matches_transformers(ort_rt: BaseRuntime, torch_rt: B
     assert ort_rt.generate(prompt, max_new_tokens=16, stop_token_ids=[]) == expected
 
 
-def test_stop_token_ends_generation(runtime: BaseRuntime) -> None:
+def test_stop_token_ends_generation(runtime: Runtime) -> None:
     first = runtime.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
     assert len(first) == 4
     assert runtime.generate(PROMPT, max_new_tokens=4, stop_token_ids=[first[1]]) == first[:2]
     assert runtime.generate(PROMPT, max_new_tokens=0) == []
 
 
-def test_seeded_sampling(ort_rt: BaseRuntime, torch_rt: BaseRuntime) -> None:
+def test_seeded_sampling(ort_rt: Runtime, torch_rt: Runtime) -> None:
     kw = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "stop_token_ids": []}
     a = torch_rt.generate(PROMPT, seed=3, **kw)
     assert a == torch_rt.generate(PROMPT, seed=3, **kw) == ort_rt.generate(PROMPT, seed=3, **kw)
@@ -160,7 +158,7 @@ def _manual_loglikelihood(rt: TorchRuntime, context: str, continuation: str) -> 
 
 
 def test_loglikelihood_matches_manual_and_is_batch_invariant(
-    ort_rt: BaseRuntime, torch_rt: BaseRuntime
+    ort_rt: Runtime, torch_rt: Runtime
 ) -> None:
     assert isinstance(torch_rt, TorchRuntime)
     expected = [_manual_loglikelihood(torch_rt, c, x) for c, x in REQUESTS]
@@ -177,7 +175,7 @@ def test_loglikelihood_matches_manual_and_is_batch_invariant(
     assert all(lp < 0 for lp, _ in expected)
 
 
-def test_encode_pair_follows_lm_eval(torch_rt: BaseRuntime) -> None:
+def test_encode_pair_follows_lm_eval(torch_rt: Runtime) -> None:
     ctx, cont = torch_rt.encode_pair("a new song ", "was released")
     assert torch_rt.decode(cont).strip() == "was released"
     assert torch_rt.decode(ctx) == "a new song"
@@ -185,7 +183,7 @@ def test_encode_pair_follows_lm_eval(torch_rt: BaseRuntime) -> None:
     assert ctx == [torch_rt.tokenizer.bos_token_id] and len(cont) == 2
 
 
-def test_greedy_continuation_is_flagged(torch_rt: BaseRuntime) -> None:
+def test_greedy_continuation_is_flagged(torch_rt: Runtime) -> None:
     ids = torch_rt.encode(PROMPT)
     new = torch_rt.generate(ids, max_new_tokens=3, stop_token_ids=[])
     [(lp, greedy)] = torch_rt.loglikelihood_tokens([(ids, new)])
@@ -264,7 +262,7 @@ def test_cli_generate(
 
 
 @pytest.mark.heavy  # ~2 min of compilation on 2 CPU cores: `make test-all`
-def test_torch_compile_matches_eager(tiny_model_dir: Path, torch_rt: BaseRuntime) -> None:
+def test_torch_compile_matches_eager(tiny_model_dir: Path, torch_rt: Runtime) -> None:
     compiled = create_runtime("torch", tiny_model_dir, compile=True)
     want = torch_rt.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
     assert compiled.generate(PROMPT, max_new_tokens=4, stop_token_ids=[]) == want

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from lp_deploy.adapters import get_adapter
-from lp_deploy.benchmarks.perplexity import eval_windows, model_perplexity
+from lp_deploy.calibration import CalibrationSpec
 from lp_deploy.checkpoint import load_patched, without_patches
 from lp_deploy.hadamard import is_supported
 from lp_deploy.modules import LinearPatch
+from lp_deploy.perplexity import eval_windows, model_perplexity
 from lp_deploy.pipeline import PatchConfig, PatchResult, run_patch
 from lp_deploy.prune import installed_patches
 
@@ -37,10 +38,7 @@ def patched(
         prune=PRUNE,
         select="cosine",
         patch="rotate",
-        calib=str(data_dir / "wikitext-2" / "valid.txt"),
-        samples=8,
-        seqlen=256,
-        seed=0,
+        calibration=CalibrationSpec(str(data_dir / "wikitext-2" / "valid.txt"), 8, 256, 0),
         out=out,
         progress=False,
     )
@@ -68,10 +66,10 @@ def test_rotate_patch_lowers_perplexity(patched: tuple[PatchResult, Path], data_
 
     # Perplexity on the first 8 windows of 512 tokens of test.txt (the dense model is not
     # evaluated here: that would cost another third of the time).
-    model = result.patched.model
-    windows = eval_windows(result.patched.tokenizer, data_dir / "wikitext-2" / "test.txt", 512, 8)
+    model = result.model.model
+    windows = eval_windows(result.model.tokenizer, data_dir / "wikitext-2" / "test.txt", 512, 8)
     assert windows.shape == (8, 512)
-    with without_patches(result.patched.adapter):
+    with without_patches(result.model.adapter):
         pruned = model_perplexity(model, windows, progress=False)
     rotate = model_perplexity(model, windows, progress=False)
     print(
@@ -82,7 +80,7 @@ def test_rotate_patch_lowers_perplexity(patched: tuple[PatchResult, Path], data_
     assert rotate < 100  # still a working language model
     assert summary["perplexity"] == {}
 
-    patches = installed_patches(result.patched.adapter)
+    patches = installed_patches(result.model.adapter)
     assert list(patches) == [plan.patch_position(gap)]
     assert isinstance(patches[gap.start], LinearPatch)
 
@@ -93,20 +91,20 @@ def test_save_load_gives_identical_logits(patched: tuple[PatchResult, Path], smo
     loaded = load_patched(out)
     assert loaded.model.config.num_hidden_layers == 30 - PRUNE
     assert sorted(installed_patches(loaded.adapter)) == sorted(
-        installed_patches(result.patched.adapter)
+        installed_patches(result.model.adapter)
     )
     text = "The tower is 324 metres tall , about the same height as an 81 @-@ storey building ."
     ids = smollm2.tokenizer(text, return_tensors="pt").input_ids
     assert loaded.tokenizer(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
     with torch.no_grad():
-        before = result.patched.model(ids, use_cache=False).logits
+        before = result.model.model(ids, use_cache=False).logits
         after = loaded.model(ids, use_cache=False).logits
     assert (after - before).abs().max() <= 1e-6
 
 
 def test_generation_with_cache_equals_without(patched: tuple[PatchResult, Path]) -> None:
     result, _ = patched
-    model, tokenizer = result.patched.model, result.patched.tokenizer
+    model, tokenizer = result.model.model, result.model.tokenizer
     prompt = tokenizer("The history of the city begins", return_tensors="pt").input_ids
     runs = []
     for use_cache in (True, False):

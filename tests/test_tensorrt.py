@@ -119,6 +119,6 @@ def _has_tensorrt() -> bool:
 def test_build_engine_from_tiny_export(tiny_model_dir: Path, tmp_path: Path) -> None:
     from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
 
-    export = export_onnx(OnnxExportConfig(model=str(tiny_model_dir), out=tmp_path / "onnx"))
+    export = export_onnx(OnnxExportConfig(model=str(tiny_model_dir), out=tmp_path / "onnx")).out
     engine = build_engine(TensorRTConfig(onnx_dir=export, max_seq=64, max_past=64))
     assert engine.is_file() and engine.stat().st_size > 0

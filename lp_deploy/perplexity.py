@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -58,6 +60,21 @@ def eval_windows(
 ) -> torch.Tensor:
     """Non-overlapping windows of a text file (e.g. wikitext-2 ``test.txt``)."""
     return contiguous_windows(tokenize_text(tokenizer, load_text(text)), seqlen, limit)
+
+
+@dataclass(frozen=True)
+class PerplexitySpec:
+    """Which text and windows perplexity is measured on (shared by every stage)."""
+
+    data: str = "wikitext-2/test.txt"
+    seqlen: int = 512
+    limit: int | None = None  # the first N windows; None: all
+
+    def windows(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        return eval_windows(tokenizer, self.data, self.seqlen, self.limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def model_perplexity(
