@@ -209,7 +209,10 @@ def _written_by_us(path: Path, kind: Kind, files: list[str]) -> set[str]:
     if _content_kind(path) != kind:
         return set()
     patterns = _KNOWN_FILES.get(kind, ())
-    return {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
+    known = {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
+    # Without a manifest, only a directory holding nothing but lp-deploy's files counts as
+    # one lp-deploy wrote; in a mixed one, none of the files can be told to be ours.
+    return known if len(known) == len(files) else set()
 
 
 def foreign_files(path: Path, kind: Kind) -> list[str]:

@@ -104,7 +104,15 @@ def alias_dir(name: str) -> Path:
     if (out / WEIGHTS_FILE).is_file():
         return out
     model, tokenizer = _load_gguf(fetch_alias_gguf(name), torch.float32)
-    with output_dir(out, Kind.MODEL) as tmp:
+    return write_model_dir(model, tokenizer, out)
+
+
+def write_model_dir(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, overwrite: bool = False
+) -> Path:
+    """A dense Hugging Face model directory (safetensors, a config every transformers
+    version reads alike, tokenizer) under the ``--out`` rule."""
+    with output_dir(out, Kind.MODEL, overwrite) as tmp:
         model.save_pretrained(tmp)
         add_legacy_fields(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,6 +1,7 @@
 """Runtimes behind one interface (:class:`Runtime`): PyTorch, ONNX Runtime, TensorRT.
 
-This folder is installed as ``lp_deploy.runtimes``. :data:`RUNTIMES` is the registry every
+This folder (``runtimes/`` in the repository) is installed as ``lp_deploy.runtimes``; runtimes
+import only the core. :data:`RUNTIMES` is the registry every
 consumer (CLI, bench, lm-eval adapter, serving) takes names from; ``create_runtime(name,
 artifact, **opts)`` builds one:
 

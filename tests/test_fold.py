@@ -193,3 +193,30 @@ def test_run_fold_writes_a_reloadable_checkpoint(
     assert compare_logits(folded.model, reloaded.model, _ids())[0] <= 1e-6
     original = load_patched(tiny_checkpoint)
     assert compare_logits(original.model, reloaded.model, _ids())[1] <= REL_TOL
+
+
+def test_fold_after_jsonl_calibration_needs_no_calib_again(
+    tiny_model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The checkpoint records the whole calibration spec (text field included), so folding a
+    checkpoint made from ``.jsonl --text-field body`` needs no ``--calib`` again."""
+    import json
+
+    from lp_deploy.checkpoint import read_meta
+    from lp_deploy.cli import main
+
+    data = tmp_path / "calib.jsonl"
+    lines = text_file.read_text().splitlines()
+    data.write_text(
+        "".join(json.dumps({"body": line, "id": i}) + "\n" for i, line in enumerate(lines))
+    )
+    patched, folded = tmp_path / "patched", tmp_path / "folded"
+    argv = ["-q", "patch", str(tiny_model_dir), "--prune", "2", "--calib", str(data)]
+    argv += ["--text-field", "body", "--samples", "4", "--seqlen", "32", "--out", str(patched)]
+    assert main(argv) == 0
+    recorded = read_meta(patched)["calibration"]
+    assert recorded["text_field"] == "body" and recorded["data"] == str(data)
+    assert main(["-q", "fold", str(patched), "--verify-seqlen", "16", "--out", str(folded)]) == 0
+    verified = read_meta(folded)["fold"]["verified_on"]
+    assert verified["data"] == str(data) and verified["text_field"] == "body"
+    assert verified["seqlen"] == 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from lp_deploy.cli import main
 from lp_deploy.errors import LpDeployError, ModelSourceError
 from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
 from lp_deploy.runtimes import Runtime, create_runtime
-from lp_deploy.runtimes.base import SamplingConfig, next_token, pad_batch, positions_from_mask
+from lp_deploy.runtimes.base import (
+    SamplingConfig,
+    TextDeltas,
+    next_token,
+    pad_batch,
+    positions_from_mask,
+)
 from lp_deploy.runtimes.ort_runtime import OrtRuntime
 from lp_deploy.runtimes.torch_runtime import TorchRuntime
 
@@ -266,3 +273,51 @@ def test_torch_compile_matches_eager(tiny_model_dir: Path, torch_rt: Runtime) ->
     compiled = create_runtime("torch", tiny_model_dir, compile=True)
     want = torch_rt.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
     assert compiled.generate(PROMPT, max_new_tokens=4, stop_token_ids=[]) == want
+
+
+def test_stream_yields_tokens_as_they_are_made(torch_rt: Runtime) -> None:
+    """``stream`` is lazy (one forward per token pulled) and gives ``generate``'s tokens."""
+    calls = []
+    forward = torch_rt.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    torch_rt.forward = counting  # type: ignore[method-assign]
+    try:
+        stream = torch_rt.stream(PROMPT, max_new_tokens=5, stop_token_ids=[])
+        assert calls == []
+        first = next(stream)
+        assert len(calls) == 1  # the prompt only
+        rest = list(stream)
+        assert len(calls) == 5
+    finally:
+        del torch_rt.forward
+    assert [first, *rest] == torch_rt.generate(PROMPT, max_new_tokens=5, stop_token_ids=[])
+
+
+def test_text_deltas_join_to_the_decoded_text(torch_rt: Runtime) -> None:
+    tokens = torch_rt.generate(PROMPT, max_new_tokens=12, stop_token_ids=[])
+    deltas = TextDeltas(torch_rt.decode)
+    pieces = [deltas.push(t) for t in tokens]
+    assert "".join(pieces) + deltas.finish() == torch_rt.decode(tokens)
+    # an incomplete character is held back until the next token completes it
+    held = TextDeltas(lambda ids: "ab\ufffd" if len(ids) == 1 else "abc")
+    assert (held.push(1), held.push(2), held.finish()) == ("", "abc", "")
+
+
+def test_generation_longer_than_the_context_is_refused(
+    torch_rt: Runtime, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    n = len(torch_rt.encode(PROMPT))
+    ok = torch_rt.max_length - n
+    assert len(torch_rt.generate(PROMPT, max_new_tokens=1)) == 1
+    with pytest.raises(
+        LpDeployError, match=rf"exceeds the model's context of {torch_rt.max_length}"
+    ):
+        torch_rt.generate(PROMPT, max_new_tokens=ok + 1)
+    argv = ["-q", "generate", str(tiny_model_dir), "--max-new-tokens", "100000", PROMPT]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "at most" in captured.err and "context of 256" in captured.err
