@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lp_deploy.adapters import LayerAdapter, ModelAdapter, get_adapter
+from lp_deploy.adapters import LayerAdapter, ModelAdapter, Projection, get_adapter
 from lp_deploy.artifacts import Kind, check_out
 from lp_deploy.calibration import CalibrationSpec
 from lp_deploy.checkpoint import load_patched, save_patched
@@ -120,7 +120,7 @@ def fold_blockers(adapter: ModelAdapter) -> list[str]:
         r
         for layer in adapter.layers
         for norm in (adapter.layer_adapter(layer).attn_norm, adapter.layer_adapter(layer).mlp_norm)
-        if (r := _norm_probe(norm, d))
+        if norm is not None and (r := _norm_probe(norm, d))
     }
     final = _norm_probe(_unwrapped_final_norm(adapter), d)
     if final:
@@ -143,16 +143,20 @@ def _fold_readers(linears: Any, scale: torch.Tensor, q: torch.Tensor) -> None:
         _set(lin.weight, w @ q.to(w.device))
 
 
-def _rotate_writer(lin: nn.Linear, q: torch.Tensor) -> None:
-    """``W <- Q^T W`` (and ``b <- b Q``) for projections that write to the stream."""
+def _rotate_writer(lin: Projection, q: torch.Tensor) -> None:
+    """``W <- Q^T W`` (and ``b <- b Q``) for projections that write to the stream; a 3-D
+    expert weight ``(experts, d, inter)`` is rotated per expert."""
     w = lin.weight.data.double()
     _set(lin.weight, q.T.to(w.device) @ w)
-    if lin.bias is not None:
-        _set(lin.bias, lin.bias.data.double() @ q.to(w.device))
+    bias = getattr(lin, "bias", None)
+    if bias is not None:
+        _set(bias, bias.data.double() @ q.to(w.device))
 
 
-def _reset_norm(norm: nn.Module) -> torch.Tensor:
-    """The norm's scale in float64; the norm's weight becomes ones."""
+def _reset_norm(norm: nn.Module | None) -> torch.Tensor:
+    """The norm's scale in float64 (ones without a norm); the norm's weight becomes ones."""
+    if norm is None:
+        return torch.ones((), dtype=torch.float64)
     weight = norm.weight
     assert isinstance(weight, torch.Tensor)
     scale = weight.data.double().clone()

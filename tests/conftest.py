@@ -18,10 +18,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -121,6 +125,18 @@ ARCHS: dict[str, tuple[Any, Any]] = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+}
+#: what makes each family different, set to non-trivial values
+ARCH_KWARGS: dict[str, dict[str, Any]] = {
+    "phi3": {"sliding_window": None, "original_max_position_embeddings": 256},
+    "granite": {
+        "embedding_multiplier": 6.0,
+        "residual_multiplier": 0.4,
+        "attention_multiplier": 0.1,
+        "logits_scaling": 4.0,
+    },
 }
 SLIDING_WINDOW = 8  # short enough that the test sequences cross it
 
@@ -169,6 +185,7 @@ def make_tiny_model(
         )
     elif arch == "mistral":
         kwargs["sliding_window"] = None
+    kwargs.update(ARCH_KWARGS.get(arch, {}))
     config = cfg_cls(**kwargs)
     torch.manual_seed(seed)
     model = model_cls(config)

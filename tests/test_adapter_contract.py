@@ -19,6 +19,7 @@ from conftest import ARCHS, make_tiny_model
 from torch import nn
 
 from lp_deploy.adapters import ADAPTERS, ModelAdapter, get_adapter, supported_model_types
+from lp_deploy.adapters.base import reading_module
 from lp_deploy.errors import UnsupportedArchitectureError
 from lp_deploy.modules import PatchedInput, ScalePatch, unwrap
 
@@ -75,13 +76,19 @@ def _outputs(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
     return seen[0]
 
 
-def _linears(layer: nn.Module, run: Callable[[], Any]) -> dict[nn.Linear, torch.Tensor]:
-    """Input of every ``nn.Linear`` inside ``layer`` during ``run()``."""
-    seen: dict[nn.Linear, torch.Tensor] = {}
+def _param_owners(layer: nn.Module, run: Callable[[], Any]) -> dict[nn.Module, torch.Tensor]:
+    """First input of every module owning parameters inside ``layer`` (linears, routers,
+    experts; norms too) during ``run()``."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen.setdefault(m, x.detach())
+
     handles = [
-        m.register_forward_pre_hook(lambda m, args: seen.setdefault(m, args[0].detach()))
+        m.register_forward_pre_hook(hook, with_kwargs=True)
         for m in layer.modules()
-        if isinstance(m, nn.Linear)
+        if any(True for _ in m.parameters(recurse=False))
     ]
     try:
         run()
@@ -91,30 +98,46 @@ def _linears(layer: nn.Module, run: Callable[[], Any]) -> dict[nn.Linear, torch.
     return seen
 
 
+def _same(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal values, whatever the batch/token layout (experts read a flattened stream)."""
+    d = ref.shape[-1]
+    if x.shape[-1] != d or x.numel() != ref.numel():
+        return False
+    return x.reshape(-1, d).equal(ref.reshape(-1, d))
+
+
 def reader_problems(model: Any, adapter: ModelAdapter) -> list[str]:
-    """Where the listed readers differ from the linears that actually read each norm."""
+    """Where the listed readers differ from the modules that actually read each norm (or,
+    without a norm, the stream the first listed reader reads)."""
     ids = _ids()
     run = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
     problems = []
     for i, layer in enumerate(adapter.layers):
         la = adapter.layer_adapter(layer)
-        inputs = _linears(unwrap(layer), run)
+        inputs = _param_owners(unwrap(layer), run)
         for name, norm, listed in (
             ("attn", la.attn_norm, la.attn_inputs),
             ("mlp", la.mlp_norm, la.mlp_inputs),
         ):
-            normed = _outputs(norm, run)
-            actual = {m for m, x in inputs.items() if x.shape == normed.shape and x.equal(normed)}
-            if actual != set(listed):
+            modules = {reading_module(p) for p in listed}
+            if norm is not None:
+                ref = _outputs(norm, run)
+            else:
+                ref = inputs[reading_module(listed[0])]
+                if name == "attn" and not _same(ref, _inputs(layer, run)):
+                    problems.append(f"layer {i}: attn readers without a norm miss the stream")
+            actual = {m for m, x in inputs.items() if m is not norm and _same(x, ref)}
+            if actual != modules:
                 problems.append(
-                    f"layer {i}: {name} readers {len(listed)} listed, {len(actual)} read"
+                    f"layer {i}: {name} readers {len(modules)} listed, {len(actual)} read"
                 )
     return problems
 
 
 def writer_problems(model: Any, adapter: ModelAdapter) -> list[str]:
-    """Where a layer's update of the stream is not the sum of its writers' outputs
-    (checked for families whose stream can be rotated: the fold relies on it)."""
+    """Where a layer's update of the stream is not the sum of its writers' outputs times the
+    residual multiplier (checked for families whose stream can be rotated: the fold relies
+    on it)."""
     from lp_deploy.fold import fold_blockers
 
     if fold_blockers(adapter):
@@ -126,8 +149,12 @@ def writer_problems(model: Any, adapter: ModelAdapter) -> list[str]:
         la = adapter.layer_adapter(layer)
         before, after = _inputs(layer, run), _outputs(layer, run)
         after = after[0] if isinstance(after, tuple) else after
-        written = _outputs(la.attn_output, run) + _outputs(la.mlp_output, run)
-        if not torch.allclose(after - before, written, rtol=1e-4, atol=1e-5):
+        written = sum(
+            _outputs(reading_module(p), run).reshape(after.shape)
+            for p in (la.attn_output, la.mlp_output)
+        )
+        update = (after - before) / adapter.residual_multiplier
+        if not torch.allclose(update, written, rtol=1e-4, atol=1e-5):
             problems.append(f"layer {i}: the stream's update is not attn_output + mlp_output")
     return problems
 
@@ -158,9 +185,9 @@ class TestAdapterContract:
         for layer in adapter.layers:
             la = adapter.layer_adapter(layer)
             for norm in (la.attn_norm, la.mlp_norm):
-                assert norm.weight.shape == (d,)
-            assert all(lin.in_features == d for lin in [*la.attn_inputs, *la.mlp_inputs])
-            assert la.attn_output.out_features == la.mlp_output.out_features == d
+                assert norm is None or norm.weight.shape == (d,)
+            assert all(p.weight.shape[-1] == d for p in [*la.attn_inputs, *la.mlp_inputs])
+            assert la.attn_output.weight.shape[-2] == la.mlp_output.weight.shape[-2] == d
 
     def test_tied_embeddings(self, model: Any, adapter: ModelAdapter, tied: bool) -> None:
         assert adapter.tied_embeddings == tied
@@ -181,7 +208,7 @@ class TestAdapterContract:
         with torch.no_grad():
             hidden = adapter.backbone(input_ids=ids).last_hidden_state
         torch.testing.assert_close(hidden, _outputs(adapter.final_norm, run))
-        torch.testing.assert_close(model(input_ids=ids).logits, adapter.lm_head(hidden))
+        torch.testing.assert_close(model(input_ids=ids).logits, adapter.logits(hidden))
 
     def test_readers_are_exactly_the_linears_reading_the_norms(
         self, model: Any, adapter: ModelAdapter

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from lp_deploy.adapters.base import LayerAdapter, ModelAdapter
+from lp_deploy.adapters.base import LayerAdapter, ModelAdapter, Projection, WeightView
+from lp_deploy.adapters.granite import GraniteAdapter
 from lp_deploy.adapters.llama import LlamaAdapter
 from lp_deploy.adapters.mistral import MistralAdapter
+from lp_deploy.adapters.phi3 import Phi3Adapter
 from lp_deploy.adapters.qwen2 import Qwen2Adapter
 from lp_deploy.adapters.qwen3 import Qwen3Adapter
 from lp_deploy.errors import UnsupportedArchitectureError
@@ -16,6 +18,8 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     MistralAdapter,
     Qwen2Adapter,
     Qwen3Adapter,
+    Phi3Adapter,
+    GraniteAdapter,
 )
 
 
@@ -37,4 +41,12 @@ def get_adapter(model: PreTrainedModel) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "LayerAdapter", "ModelAdapter", "get_adapter", "supported_model_types"]
+__all__ = [
+    "ADAPTERS",
+    "LayerAdapter",
+    "ModelAdapter",
+    "Projection",
+    "WeightView",
+    "get_adapter",
+    "supported_model_types",
+]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lp_deploy.adapters.base import LayerAdapter, ModelAdapter
+from lp_deploy.adapters.base import LayerAdapter, ModelAdapter, Projection
 from lp_deploy.modules import unwrap
 
 
@@ -22,21 +22,21 @@ class LlamaLayerAdapter(LayerAdapter):
         return self.layer.post_attention_layernorm
 
     @property
-    def attn_inputs(self) -> Sequence[nn.Linear]:
+    def attn_inputs(self) -> Sequence[Projection]:
         attn = self.layer.self_attn
         return (attn.q_proj, attn.k_proj, attn.v_proj)
 
     @property
-    def attn_output(self) -> nn.Linear:
+    def attn_output(self) -> Projection:
         return self.layer.self_attn.o_proj
 
     @property
-    def mlp_inputs(self) -> Sequence[nn.Linear]:
+    def mlp_inputs(self) -> Sequence[Projection]:
         mlp = self.layer.mlp
         return (mlp.gate_proj, mlp.up_proj)
 
     @property
-    def mlp_output(self) -> nn.Linear:
+    def mlp_output(self) -> Projection:
         return self.layer.mlp.down_proj
 
     def set_layer_index(self, index: int) -> None:
