@@ -70,7 +70,7 @@ _HF_FILES = (
 )
 _KNOWN_FILES: dict[Kind, tuple[str, ...]] = {
     Kind.MODEL: _HF_FILES,
-    Kind.CHECKPOINT: (*_HF_FILES, "summary.json", "fold_report.json"),
+    Kind.CHECKPOINT: (*_HF_FILES, "summary.json", "fold_report.json", "distill.json"),
     Kind.ONNX: (*_HF_FILES, ONNX_FILE, ONNX_DATA_FILE, EXPORT_REPORT_FILE),
     Kind.REPORT: ("report.json", "report.md", "*.png", "artifacts/*"),
     Kind.SWEEP: ("sweep.json", "sweep.png"),

@@ -186,6 +186,79 @@ def _run_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_distill(sub: Any) -> None:
+    from lp_deploy.distill import PREFIX_DTYPES, DistillConfig
+    from lp_deploy.trainable import TRAIN_MODES
+
+    d = DistillConfig(Path("."))
+    p = sub.add_parser("distill", help="refine the patch by offline knowledge distillation")
+    p.add_argument("patched", type=Path, help="checkpoint written by 'lp-deploy patch'")
+    p.add_argument("--data", default=d.data.data, help="distillation text (like --calib)")
+    p.add_argument("--text-field", default=d.data.text_field)
+    p.add_argument("--samples", type=int, default=d.data.samples, help="windows (10%% validate)")
+    p.add_argument("--seqlen", type=int, default=d.data.seqlen)
+    p.add_argument("--seed", type=int, default=d.data.seed)
+    p.add_argument("--topk", type=int, default=d.topk, help="teacher probabilities kept per token")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak; cosine down to lr/20")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--train",
+        default=d.train,
+        choices=TRAIN_MODES,
+        help="full: the whole d x d matrix; diag: only s of P = H diag(s) H^T (stays per-channel "
+        "after fold)",
+    )
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping epochs")
+    p.add_argument(
+        "--teacher-cache", type=Path, default=None, help="default: keyed under ~/.cache/lp_deploy"
+    )
+    p.add_argument("--prefix-dtype", default=d.prefix_dtype, choices=list(PREFIX_DTYPES))
+    p.add_argument("--save-every", type=int, default=0, help="also save the state every N steps")
+    p.add_argument("--resume", action="store_true", help="continue a killed run with --out")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:0 ...")
+    _add_out(p, "output checkpoint directory")
+    _add_perplexity(p, "--eval-ppl", None, "text file for the distilled model's perplexity")
+    p.set_defaults(handler=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from lp_deploy.distill import DistillConfig, run_distill
+
+    cfg = DistillConfig(
+        patched=args.patched,
+        data=CalibrationSpec(args.data, args.samples, args.seqlen, args.seed, args.text_field),
+        out=args.out,
+        overwrite=args.overwrite,
+        topk=args.topk,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        train=args.train,
+        batch_size=args.batch_size,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        teacher_cache=args.teacher_cache,
+        prefix_dtype=args.prefix_dtype,
+        save_every=args.save_every,
+        resume=args.resume,
+        device=args.device,
+        perplexity=_perplexity(args),
+        progress=not args.quiet,
+    )
+    s = run_distill(cfg).summary
+    val = ", ".join(f"{v:.4f}" for v in s["val_loss"])
+    print(f"\n{s['train']}: {s['steps']} steps, val loss {val} (best epoch {s['best_epoch']})")
+    if "perplexity" in s:
+        print(f"perplexity distilled: {s['perplexity']:.3f}")
+    times = ", ".join(f"{k} {v['wall_s']} s" for k, v in s["phases"].items())
+    print(f"{times}; peak RSS {s['peak_rss_mb']} MB")
+    print(f"wrote {args.out} (distill.json inside)")
+    return 0
+
+
 def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export to ONNX (with KV cache) or a TensorRT engine")
     fmt = p.add_subparsers(dest="format", required=True)
@@ -470,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_patch, _add_fold]
+_COMMANDS: list[Callable[[Any], None]] = [_add_patch, _add_distill, _add_fold]
 _COMMANDS += [_add_export, _add_generate]
 _COMMANDS += [_add_bench, _add_sweep]
 

@@ -64,3 +64,24 @@ def unwrap(module: nn.Module) -> nn.Module:
 def patch_of(module: nn.Module) -> nn.Module | None:
     """The patch a :class:`PatchedInput` applies, or None."""
     return module.patch if isinstance(module, PatchedInput) else None
+
+
+class HadamardScalePatch(nn.Module):
+    """``x -> x H diag(scale) H^T``: a rotate patch parametrised by its ``d`` scales in the
+    Hadamard basis (what ``distill --train diag`` trains; it stays foldable to a per-channel
+    multiply). ``hadamard`` is orthonormal and fixed."""
+
+    def __init__(self, scale: torch.Tensor, hadamard: torch.Tensor) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().clone(), requires_grad=False)
+        self.hadamard: torch.Tensor
+        self.register_buffer("hadamard", hadamard.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hadamard.to(x.dtype)
+        return torch.matmul(torch.matmul(x, h) * self.scale.to(x.dtype), h.T)
+
+    def matrix(self) -> torch.Tensor:
+        """``H diag(s) H^T`` in float64."""
+        h = self.hadamard.double()
+        return (h * self.scale.double()) @ h.T

@@ -28,11 +28,12 @@ CACHE_ENV = "LP_DEPLOY_CACHE"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def cache_dir() -> Path:
+def cache_dir(create: bool = True) -> Path:
     """Where lp-deploy caches downloads (``LP_DEPLOY_CACHE``, default ``~/.cache/lp_deploy``)."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lp_deploy"
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -127,6 +127,20 @@ def _stages(
     return {
         "patch": lambda out: ["patch", str(tiny_model_dir), "--prune", "2", *calib],
         "fold": lambda out: ["fold", str(tiny_checkpoint), "--verify-seqlen", "16"],
+        "distill": lambda out: [
+            "distill",
+            str(tiny_checkpoint),
+            "--data",
+            str(text_file),
+            "--samples",
+            "2",
+            "--seqlen",
+            "16",
+            "--topk",
+            "4",
+            "--teacher-cache",
+            str(qa / "teacher"),
+        ],
         "export onnx": lambda out: ["export", "onnx", str(tiny_checkpoint), "--decode-steps", "1"],
         "bench": lambda out: [
             "bench",
@@ -153,7 +167,7 @@ def _stages(
     }
 
 
-STAGES = ["patch", "fold", "export onnx", "bench", "sweep"]
+STAGES = ["patch", "fold", "distill", "export onnx", "bench", "sweep"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -175,7 +189,7 @@ def test_every_stage_refuses_a_users_directory(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
-@pytest.mark.parametrize("stage", ["patch", "fold", "sweep"])
+@pytest.mark.parametrize("stage", ["patch", "fold", "distill", "sweep"])
 def test_every_stage_writes_beside_a_users_file_with_overwrite(
     stage: str, tiny_model_dir: Path, tiny_checkpoint: Path, text_file: Path, tmp_path: Path
 ) -> None:
