@@ -41,6 +41,7 @@ from lp_deploy.artifacts import (
 from lp_deploy.calibration import tokenize_text
 from lp_deploy.data import data_file
 from lp_deploy.errors import DataError, LpDeployError, VerificationError
+from lp_deploy.exporters.quantize import QuantizeConfig, QuantReport, quantize_export
 from lp_deploy.hf_config import save_config
 from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
@@ -89,6 +90,7 @@ class OnnxExportConfig:
     text: str | None = None
     tolerance: float | None = None
     external_data: bool | None = None  # None: only when the weights exceed ~2 GB
+    quantize: QuantizeConfig | None = None  # int8 / int4 after the fp32 export is validated
 
 
 @dataclass
@@ -125,7 +127,8 @@ class ExportReport:
     onnx_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     fusions: dict[str, int] = field(default_factory=dict)
-    validation: ValidationReport | None = None
+    validation: ValidationReport | None = None  # the fp32 graph against PyTorch
+    quantization: QuantReport | None = None  # the quantized graph against the fp32 one
 
 
 def tolerances(
@@ -496,10 +499,20 @@ def _export_meta(
         "inputs": inputs,
         "outputs": outputs,
         "dims": list(DIMS),
+        "quantization": _quant_meta(cfg.quantize),
         "source": str(cfg.model),
         "toolkit_version": __version__,
     }
     return {**copy.deepcopy(loaded.meta), "export": export}
+
+
+def _quant_meta(q: QuantizeConfig | None) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    meta: dict[str, Any] = {"mode": q.mode, "exclude": list(q.exclude)}
+    if q.mode == "int4":
+        meta.update(block_size=q.block_size, accuracy_level=q.accuracy_level)
+    return meta
 
 
 def _write_side_files(
@@ -534,6 +547,12 @@ def _load(cfg: OnnxExportConfig) -> LoadedModel:
             "a bf16 graph cannot be validated: ONNX Runtime's CPU provider has no bf16 "
             "kernels; export fp32 or fp16, or pass validate=False (--no-validate)"
         )
+    if cfg.quantize is not None:
+        cfg.quantize.check()
+        if cfg.dtype != "fp32":
+            raise LpDeployError(
+                f"--quantize {cfg.quantize.mode} quantizes an fp32 graph; drop --dtype {cfg.dtype}"
+            )
     if int(cfg.optimize) not in (0, 1, 2):
         raise LpDeployError(f"optimize must be 0, 1 or 2, got {cfg.optimize!r}")
     check_out(cfg.out, Kind.ONNX, cfg.overwrite)
@@ -609,6 +628,11 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         t0 = time.perf_counter()
         report.validation = run_validation(loaded, cfg, tmp, model)
         seconds["validate"] = time.perf_counter() - t0
+    if cfg.quantize is not None:
+        t0 = time.perf_counter()
+        report.quantization = quantize_export(tmp, cfg.quantize, loaded.tokenizer, cfg.validate)
+        report.onnx_bytes = report.quantization.onnx_bytes
+        seconds["quantize"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
     report.seconds = {k: round(v, 2) for k, v in seconds.items()}
     return report

@@ -279,6 +279,7 @@ def _add_export(sub: Any) -> None:
     o.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     o.add_argument("--text", default=None, help="validation text (default: wikitext-2 test)")
     o.add_argument("--decode-steps", type=int, default=8)
+    _add_quantize(o)
     o.set_defaults(handler=_run_export_onnx)
     t = fmt.add_parser("tensorrt", help="TensorRT engine from an ONNX export (needs TensorRT)")
     t.add_argument("onnx_dir", type=Path, help="directory written by 'lp-deploy export onnx'")
@@ -289,6 +290,79 @@ def _add_export(sub: Any) -> None:
     t.add_argument("--max-seq", type=int, default=512)
     t.add_argument("--max-past", type=int, default=1024)
     t.set_defaults(handler=_run_export_tensorrt)
+
+
+def _add_quantize(o: Any) -> None:
+    """``--quantize`` and its options (validated by ``QuantizeConfig.check``, so that a bad
+    value gets the library's message)."""
+    o.add_argument(
+        "--quantize",
+        default=None,
+        metavar="int8|int4",
+        help="int8: dynamic per-channel int8 (ONNX Runtime quantize_dynamic); int4: block-wise "
+        "4-bit weights (MatMulNBits)",
+    )
+    o.add_argument("--block-size", type=int, default=32, help="int4: 32, 64 or 128")
+    o.add_argument(
+        "--accuracy-level", type=int, default=0, help="int4: 0 fp32 or 4 int8 activations"
+    )
+    o.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="keep this weight in fp32 (module name or glob: lm_head, down_proj, layers.3.*); "
+        "repeatable",
+    )
+    o.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        default=None,
+        help="validation limit, relative (default 0.05 int8, 0.10 int4)",
+    )
+    o.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="validation limit: greedy-token agreement with fp32 (default 0.80)",
+    )
+    o.add_argument("--quant-windows", type=int, default=8, help="validation windows")
+    o.add_argument("--quant-seqlen", type=int, default=512, help="tokens per validation window")
+
+
+def _quantize_config(args: argparse.Namespace) -> Any:
+    from lp_deploy.exporters.quantize import QuantizeConfig
+
+    if args.quantize is None:
+        return None
+    return QuantizeConfig(
+        mode=args.quantize,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
+        exclude=tuple(args.exclude),
+        max_ppl_increase=args.max_ppl_increase,
+        min_agreement=args.min_agreement,
+        text=args.text,
+        windows=args.quant_windows,
+        seqlen=args.quant_seqlen,
+    )
+
+
+def _print_quantization(q: dict[str, Any]) -> None:
+    what = q["mode"]
+    if q["block_size"]:
+        what += f" (block {q['block_size']}, accuracy level {q['accuracy_level']})"
+    excluded = ", ".join(q["excluded"]) or "none"
+    print(f"quantized {q['quantized']} MatMuls to {what}; kept in fp32: {excluded}")
+    v = q["validation"]
+    if v:
+        print(
+            f"vs fp32 on {v['windows']} x {v['seqlen']} tokens: perplexity "
+            f"{v['fp32_perplexity']:.3f} -> {v['perplexity']:.3f} "
+            f"({100 * v['perplexity_increase']:+.1f}%, limit "
+            f"{100 * v['max_perplexity_increase']:+.1f}%), greedy-token agreement "
+            f"{100 * v['token_agreement']:.1f}% (limit {100 * v['min_token_agreement']:.0f}%)"
+        )
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
@@ -304,6 +378,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         text=args.text,
         decode_steps=args.decode_steps,
+        quantize=_quantize_config(args),
     )
     out = export_onnx(cfg).out
     r = read_report(out)
@@ -320,6 +395,8 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
             f"prefill {v['prefill_logits']:.2e}, decode {v['decode_logits']:.2e}, padded "
             f"{v['padded_batch_logits']:.2e} (tolerance {v['tolerance']:.1e})"
         )
+    if r.get("quantization"):
+        _print_quantization(r["quantization"])
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,433 @@
+"""Quantized ONNX exports, made with ONNX Runtime's own tools and validated on real text.
+
+* ``int8``: :func:`onnxruntime.quantization.quantize_dynamic`: per-channel int8 weights,
+  activations quantized to int8 at run time (``DynamicQuantizeLinear`` + ``MatMulInteger``).
+* ``int4``: ONNX Runtime's ``MatMulNBitsQuantizer``: block-wise 4-bit weights in
+  ``MatMulNBits`` (``block_size`` 32/64/128); ``accuracy_level`` 4 also quantizes the
+  activations to int8 inside the kernel, 0 keeps them in fp32.
+
+Only the MatMuls with a constant weight are quantized; the graph's inputs and outputs (the
+KV-cache IO) are unchanged. Exact logit tolerances do not apply to a quantized graph, so it is
+validated against the fp32 graph it was made from, both in ONNX Runtime, on real text:
+perplexity change and greedy (next-token argmax) agreement over ``windows`` windows of
+``seqlen`` tokens. The default limits (:data:`DEFAULT_LIMITS`) are the accuracy goals of
+issue 11: at most +5% perplexity for int8, +10% for int4, and at least 80% agreement.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from lp_deploy.artifacts import ONNX_DATA_FILE, ONNX_FILE
+from lp_deploy.errors import LpDeployError, VerificationError
+from lp_deploy.perplexity import window_nll
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
+ACCURACY_LEVELS = (0, 4)
+#: (max relative perplexity increase, min greedy-token agreement) per mode
+DEFAULT_LIMITS: dict[str, tuple[float, float]] = {"int8": (0.05, 0.80), "int4": (0.10, 0.80)}
+#: weights lp-deploy itself adds that must stay exact (the online Hadamard transform)
+ALWAYS_EXCLUDED = ("*.online_hadamard",)
+#: the export traces a wrapper whose ``model`` attribute is the Hugging Face model
+WRAPPER_PREFIX = "model."
+REFERENCE_DIR = ".fp32-reference"
+
+
+@dataclass
+class QuantizeConfig:
+    """How to quantize an fp32 export (``lp-deploy export onnx ... --quantize``).
+
+    ``exclude``: weights kept in fp32, as module names or glob patterns matched against the
+    module that owns the weight (``lm_head``, ``down_proj`` = every layer's, ``layers.3.*``).
+    ``max_ppl_increase`` / ``min_agreement``: validation limits; None takes
+    :data:`DEFAULT_LIMITS`.
+    """
+
+    mode: str
+    block_size: int = 32
+    accuracy_level: int = 0
+    exclude: tuple[str, ...] = ()
+    max_ppl_increase: float | None = None
+    min_agreement: float | None = None
+    text: str | None = None  # None: wikitext-2 test (a built-in paragraph when absent)
+    windows: int = 8
+    seqlen: int = 512
+
+    def check(self) -> None:
+        """Clear errors for options the quantizers do not support."""
+        if self.mode not in QUANT_MODES:
+            raise LpDeployError(
+                f"unsupported quantization {self.mode!r}; choose one of {', '.join(QUANT_MODES)}"
+            )
+        if self.block_size not in BLOCK_SIZES:
+            raise LpDeployError(
+                f"block size {self.block_size} is not supported; choose one of "
+                f"{', '.join(map(str, BLOCK_SIZES))} (int4 weights per scale)"
+            )
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise LpDeployError(
+                f"accuracy level {self.accuracy_level} is not supported; choose 0 (fp32 "
+                "activations) or 4 (int8 activations)"
+            )
+        ppl, agree = self.limits()
+        if not (ppl >= 0 and math.isfinite(ppl)) or not 0 <= agree <= 1:
+            raise LpDeployError(
+                f"validation limits must be a perplexity increase >= 0 and an agreement in "
+                f"[0, 1]; got {ppl} and {agree}"
+            )
+        if self.windows < 1 or self.seqlen < 2:
+            raise LpDeployError("quantization validation needs >= 1 window of >= 2 tokens")
+
+    def limits(self) -> tuple[float, float]:
+        """(max relative perplexity increase, min greedy-token agreement)."""
+        ppl, agree = DEFAULT_LIMITS.get(self.mode, (0.0, 1.0))
+        return (
+            ppl if self.max_ppl_increase is None else self.max_ppl_increase,
+            agree if self.min_agreement is None else self.min_agreement,
+        )
+
+
+@dataclass
+class QuantValidation:
+    """Quantized vs fp32 graph, both in ONNX Runtime, on the same windows of real text."""
+
+    text: str
+    windows: int
+    seqlen: int
+    fp32_perplexity: float
+    perplexity: float
+    perplexity_increase: float  # relative
+    token_agreement: float  # next-token argmax, all positions
+    max_perplexity_increase: float
+    min_token_agreement: float
+    passed: bool = False
+
+
+@dataclass
+class QuantReport:
+    """What was quantized and how (the ``quantization`` record of ``export.json``)."""
+
+    mode: str
+    tool: str
+    block_size: int | None
+    accuracy_level: int | None
+    per_channel: bool | None
+    quantized: int
+    excluded: list[str]
+    fp32_bytes: int
+    onnx_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    validation: QuantValidation | None = None
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def weight_owner(node: Any, initializer: str) -> str:
+    """Module that owns a MatMul's weight, from the exporter's name scopes
+    (``model.layers.0.mlp.down_proj``, ``lm_head``); the initializer's name otherwise."""
+    props = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    if len(scopes) >= 2 and isinstance(scopes[-2], str) and scopes[-2]:
+        module = scopes[-2]
+        return module.removeprefix(WRAPPER_PREFIX)
+    return initializer.removesuffix(".weight")
+
+
+def matmul_weights(model: Any) -> dict[str, str]:
+    """Node name -> owning module of every MatMul/Gemm whose weight (input B) is an
+    initializer, directly or through a Transpose of one: what the quantizers quantize."""
+    inits = {i.name for i in model.graph.initializer}
+    transposed = {
+        n.output[0]: n.input[0]
+        for n in model.graph.node
+        if n.op_type == "Transpose" and n.input[0] in inits
+    }
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        source = weight if weight in inits else transposed.get(weight)
+        if source is not None:
+            found[node.name] = weight_owner(node, source)
+    return found
+
+
+def _matches(module: str, pattern: str) -> bool:
+    return (
+        module == pattern
+        or module.endswith("." + pattern)
+        or fnmatch.fnmatchcase(module, pattern)
+        or fnmatch.fnmatchcase(module, "*." + pattern)
+    )
+
+
+def excluded_nodes(weights: dict[str, str], patterns: Iterable[str]) -> dict[str, str]:
+    """Nodes whose weight's module matches one of ``patterns`` (and lp-deploy's own exact
+    transforms); a user pattern that matches nothing is an error."""
+    chosen: dict[str, str] = {}
+    for pattern in patterns:
+        hits = {n: m for n, m in weights.items() if _matches(m, pattern)}
+        if not hits:
+            names = sorted(set(weights.values()))
+            raise LpDeployError(
+                f"--exclude {pattern!r} matches no quantizable weight; the graph's are e.g. "
+                f"{', '.join(names[:4])} ... {names[-1] if names else ''}"
+            )
+        chosen.update(hits)
+    chosen.update(
+        {n: m for n, m in weights.items() if any(_matches(m, p) for p in ALWAYS_EXCLUDED)}
+    )
+    return chosen
+
+
+def _load(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _quantize_int8(src: Path, dst: Path, exclude: list[str], external: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        src,
+        dst,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=exclude,
+        use_external_data_format=external,
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def _quantize_int4(
+    src: Path, dst: Path, exclude: list[str], external: bool, cfg: QuantizeConfig
+) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    quant = MatMulNBitsQuantizer(
+        model,
+        block_size=cfg.block_size,
+        is_symmetric=False,  # ONNX Runtime's default: asymmetric, with zero points
+        accuracy_level=cfg.accuracy_level,
+        nodes_to_exclude=exclude,
+    )
+    quant.process()
+    quant.model.save_model_to_file(str(dst), use_external_data_format=external)
+
+
+def quantize_file(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> str:
+    """Quantize the graph ``src`` into ``dst`` (same directory layout); returns the tool."""
+    external = (src.parent / ONNX_DATA_FILE).is_file()
+    if cfg.mode == "int8":
+        _quantize_int8(src, dst, exclude, external)
+        return "onnxruntime.quantization.quantize_dynamic"
+    _quantize_int4(src, dst, exclude, external, cfg)
+    return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
+
+
+def count_quantized(path: Path) -> int:
+    """Nodes of the quantized kinds (MatMulInteger, DynamicQuantizeMatMul, MatMulNBits)."""
+    kinds = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"}
+    return sum(n.op_type in kinds for n in _load(path).graph.node)
+
+
+# --------------------------------------------------------------------------- validation
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def ort_logits_fn(path: Path, threads: int | None = None) -> LogitsFn:
+    """Logits of a KV-cache graph for whole windows (empty past), one ORT session."""
+    from lp_deploy.runtimes.ort_runtime import CPU, import_ort
+
+    ort = import_ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=[CPU])
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    names = {i.name for i in session.get_inputs()}
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        batch, n = ids.shape
+        feed: dict[str, np.ndarray] = {
+            "input_ids": ids.numpy().astype(np.int64),
+            "attention_mask": np.ones((batch, n), dtype=np.int64),
+        }
+        if "position_ids" in names:
+            feed["position_ids"] = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n))
+        for p in past:
+            feed[p.name] = np.zeros((batch, p.shape[1], 0, p.shape[3]), dtype=np.float32)
+        return torch.from_numpy(session.run(["logits"], feed)[0])
+
+    return fn
+
+
+def compare_on_text(
+    reference: LogitsFn, quantized: LogitsFn, windows: torch.Tensor
+) -> tuple[float, float, float]:
+    """(fp32 perplexity, quantized perplexity, next-token argmax agreement) over windows."""
+    nll = [0.0, 0.0]
+    count, agree = 0, 0
+    for row in windows:
+        ids = row[None]
+        ref, got = reference(ids), quantized(ids)
+        for i, logits in enumerate((ref, got)):
+            total, n = window_nll(logits, ids)
+            nll[i] += total
+        count += n
+        agree += int((ref[0, :-1].argmax(-1) == got[0, :-1].argmax(-1)).sum())
+    return math.exp(nll[0] / count), math.exp(nll[1] / count), agree / count
+
+
+def validate_quantized(
+    reference: Path, quantized: Path, tokenizer: PreTrainedTokenizerBase, cfg: QuantizeConfig
+) -> QuantValidation:
+    """Perplexity change and greedy agreement of ``quantized`` against ``reference``."""
+    from lp_deploy.exporters.onnx import validation_ids
+
+    ids, text = validation_ids(tokenizer, cfg.text, cfg.windows * cfg.seqlen)
+    windows = ids.reshape(cfg.windows, cfg.seqlen)
+    ref_ppl, ppl, agreement = compare_on_text(
+        ort_logits_fn(reference), ort_logits_fn(quantized), windows
+    )
+    max_inc, min_agree = cfg.limits()
+    report = QuantValidation(
+        text=text,
+        windows=len(windows),
+        seqlen=cfg.seqlen,
+        fp32_perplexity=ref_ppl,
+        perplexity=ppl,
+        perplexity_increase=ppl / ref_ppl - 1,
+        token_agreement=agreement,
+        max_perplexity_increase=max_inc,
+        min_token_agreement=min_agree,
+    )
+    report.passed = report.perplexity_increase <= max_inc and agreement >= min_agree
+    return report
+
+
+def _raise_failed(v: QuantValidation, cfg: QuantizeConfig) -> None:
+    raise VerificationError(
+        f"the {cfg.mode} graph is not accurate enough: perplexity {v.fp32_perplexity:.3f} -> "
+        f"{v.perplexity:.3f} ({100 * v.perplexity_increase:+.1f}%, limit "
+        f"{100 * v.max_perplexity_increase:+.1f}%), greedy-token agreement "
+        f"{100 * v.token_agreement:.1f}% (limit {100 * v.min_token_agreement:.1f}%) on "
+        f"{v.windows} x {v.seqlen} tokens of {v.text}. Keep sensitive weights in fp32 "
+        "(--exclude lm_head, --exclude down_proj), fold with --online-hadamard, or raise "
+        "--max-ppl-increase / lower --min-agreement. Nothing was written."
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob(f"{ONNX_FILE}*"))
+
+
+def _move_graph(src_dir: Path, dst_dir: Path) -> None:
+    dst_dir.mkdir(exist_ok=True)
+    for name in (ONNX_FILE, ONNX_DATA_FILE):
+        if (src_dir / name).exists():
+            os.replace(src_dir / name, dst_dir / name)
+
+
+def quantize_export(
+    tmp: Path, cfg: QuantizeConfig, tokenizer: PreTrainedTokenizerBase, validate: bool = True
+) -> QuantReport:
+    """Replace the fp32 graph in the export directory ``tmp`` by its quantized version,
+    validated against it; raises :class:`VerificationError` past the limits."""
+    ref_dir = tmp / REFERENCE_DIR
+    _move_graph(tmp, ref_dir)
+    try:
+        return _quantize_and_check(ref_dir, tmp, cfg, tokenizer, validate)
+    finally:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+
+
+def _quantize_and_check(
+    ref_dir: Path,
+    tmp: Path,
+    cfg: QuantizeConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    validate: bool,
+) -> QuantReport:
+    src, dst = ref_dir / ONNX_FILE, tmp / ONNX_FILE
+    weights = matmul_weights(_load(src))
+    excluded = excluded_nodes(weights, cfg.exclude)
+    t0 = time.perf_counter()
+    tool = quantize_file(src, dst, cfg, sorted(excluded))
+    seconds = {"quantize": time.perf_counter() - t0}
+    report = QuantReport(
+        mode=cfg.mode,
+        tool=tool,
+        block_size=cfg.block_size if cfg.mode == "int4" else None,
+        accuracy_level=cfg.accuracy_level if cfg.mode == "int4" else None,
+        per_channel=True if cfg.mode == "int8" else None,
+        quantized=count_quantized(dst),
+        excluded=sorted(set(excluded.values())),
+        fp32_bytes=_bytes(ref_dir),
+        onnx_bytes=_bytes(tmp),
+    )
+    if validate:
+        t0 = time.perf_counter()
+        report.validation = validate_quantized(src, dst, tokenizer, cfg)
+        seconds["validate"] = time.perf_counter() - t0
+    report.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    v = report.validation
+    if v is not None:
+        log.info(
+            "%s: perplexity %.3f -> %.3f (%+.1f%%), agreement %.1f%%",
+            cfg.mode,
+            v.fp32_perplexity,
+            v.perplexity,
+            100 * v.perplexity_increase,
+            100 * v.token_agreement,
+        )
+        if not v.passed:
+            _raise_failed(v, cfg)
+    return report
+
+
+__all__ = [
+    "ACCURACY_LEVELS",
+    "BLOCK_SIZES",
+    "DEFAULT_LIMITS",
+    "QUANT_MODES",
+    "QuantReport",
+    "QuantValidation",
+    "QuantizeConfig",
+    "compare_on_text",
+    "excluded_nodes",
+    "matmul_weights",
+    "quantize_export",
+    "quantize_file",
+    "validate_quantized",
+]

@@ -1,0 +1,224 @@
+"""Quantized ONNX exports (int8 dynamic, int4 MatMulNBits): graph, IO, validation, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from conftest import build_tokenizer, make_tiny_model, save_model_dir
+
+from lp_deploy.cli import main
+from lp_deploy.errors import LpDeployError, VerificationError
+from lp_deploy.exporters import quantize
+from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report
+from lp_deploy.exporters.quantize import QuantizeConfig, QuantReport, quantize_export
+
+# random tiny models have near-flat logits (perplexity ~500 over 128 words): loose limits
+LIMITS = {"max_ppl_increase": 0.5, "min_agreement": 0.2}
+
+
+def io_signature(export_dir: Path) -> list[tuple[str, int, list[str | int]]]:
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    return [
+        (
+            v.name,
+            v.type.tensor_type.elem_type,
+            [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+        )
+        for v in [*model.graph.input, *model.graph.output]
+    ]
+
+
+def op_counts(export_dir: Path) -> dict[str, int]:
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qdense") / "model"
+    return save_model_dir(make_tiny_model("llama", num_layers=2), build_tokenizer(), path)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import synthetic_text
+
+    path = tmp_path_factory.mktemp("qtext") / "text.txt"
+    path.write_text(synthetic_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_export(dense_dir: Path) -> Path:
+    cfg = OnnxExportConfig(model=str(dense_dir), out=dense_dir.parent / "fp32", decode_steps=2)
+    return export_onnx(cfg).out
+
+
+def quant_config(text: Path, **options: Any) -> QuantizeConfig:
+    return QuantizeConfig(text=str(text), windows=4, seqlen=64, **{**LIMITS, **options})
+
+
+def quantized_copy(fp32: Path, out: Path, cfg: QuantizeConfig) -> tuple[Path, QuantReport]:
+    """The fp32 export copied to ``out`` and quantized there (what export_onnx does last)."""
+    shutil.copytree(fp32, out)
+    return out, quantize_export(out, cfg, build_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def int8_export(fp32_export: Path, text: Path) -> tuple[Path, QuantReport]:
+    return quantized_copy(fp32_export, fp32_export.parent / "int8", quant_config(text, mode="int8"))
+
+
+def test_int8_graph_keeps_io_and_validates(
+    int8_export: tuple[Path, QuantReport], fp32_export: Path
+) -> None:
+    out, q = int8_export
+    assert io_signature(out) == io_signature(fp32_export)
+    ops = op_counts(out)
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == q.quantized == 15
+    assert not any(p.name.startswith(".fp32") for p in out.iterdir())
+    assert q.mode == "int8" and q.per_channel is True and q.block_size is None
+    assert q.onnx_bytes < q.fp32_bytes and q.excluded == []
+    v = q.validation
+    assert v is not None and v.passed and v.windows == 4 and v.seqlen == 64
+    assert v.perplexity_increase == pytest.approx(v.perplexity / v.fp32_perplexity - 1)
+    assert 0.2 <= v.token_agreement <= 1.0
+
+
+def test_int8_export_runs_in_the_runtime(int8_export: tuple[Path, QuantReport]) -> None:
+    from lp_deploy.runtimes.ort_runtime import OrtRuntime
+
+    rt = OrtRuntime(int8_export[0])
+    tokens = rt.generate(rt.encode("the city of the river"), max_new_tokens=8)
+    assert len(tokens) >= 1
+
+
+def test_int4_with_exclusions(fp32_export: Path, text: Path, tmp_path: Path) -> None:
+    cfg = quant_config(text, mode="int4", block_size=64, exclude=("lm_head",))
+    out, q = quantized_copy(fp32_export, tmp_path / "int4", cfg)
+    assert q.block_size == 64 and q.accuracy_level == 0 and q.excluded == ["lm_head"]
+    assert op_counts(out).get("MatMulNBits", 0) == q.quantized == 2 * 7
+    model = onnx.load(str(out / "model.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+    assert attrs["block_size"] == 64 and attrs["bits"] == 4
+    assert list(quantize.matmul_weights(model).values()) == ["lm_head"]  # still fp32
+
+
+def test_failed_validation_leaves_nothing(
+    dense_dir: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quantize, "compare_on_text", lambda *a: (10.0, 13.0, 0.9))
+    q = quant_config(text, mode="int8", max_ppl_increase=None)
+    cfg = OnnxExportConfig(model=str(dense_dir), out=tmp_path / "bad", decode_steps=1, quantize=q)
+    with pytest.raises(VerificationError, match=r"\+30\.0%, limit \+5\.0%.*Nothing was written"):
+        export_onnx(cfg)
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--quantize", "int3"], "unsupported quantization 'int3'; choose one of int8, int4"),
+        (["--quantize", "int4", "--block-size", "7"], "block size 7 is not supported"),
+        (["--quantize", "int4", "--accuracy-level", "2"], "accuracy level 2"),
+        (["--quantize", "int8", "--dtype", "fp16"], "quantizes an fp32 graph"),
+        (["--quantize", "int8", "--min-agreement", "1.5"], "agreement in"),
+    ],
+)
+def test_bad_options_are_refused_early(
+    dense_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "o"
+    code = main(["-q", "export", "onnx", str(dense_dir), "--out", str(out), *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_exclude_that_matches_nothing(fp32_export: Path, text: Path, tmp_path: Path) -> None:
+    cfg = quant_config(text, mode="int8", exclude=("nope",))
+    with pytest.raises(LpDeployError, match="--exclude 'nope' matches no quantizable weight"):
+        quantized_copy(fp32_export, tmp_path / "o", cfg)
+
+
+def test_exclusion_patterns() -> None:
+    weights = {
+        "n0": "model.layers.0.mlp.down_proj",
+        "n1": "model.layers.1.mlp.down_proj",
+        "n2": "model.layers.1.self_attn.o_proj",
+        "n3": "lm_head",
+        "n4": "model.layers.0.mlp.down_proj.online_hadamard",
+    }
+    assert set(quantize.excluded_nodes(weights, ["down_proj"])) == {"n0", "n1", "n4"}
+    assert set(quantize.excluded_nodes(weights, ["layers.1.*"])) == {"n1", "n2", "n4"}
+    assert set(quantize.excluded_nodes(weights, ["lm_head"])) == {"n3", "n4"}
+    assert set(quantize.excluded_nodes(weights, [])) == {"n4"}  # the exact transform, always
+
+
+def test_cli_int4_export(
+    dense_dir: Path, text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli"
+    argv = ["-q", "export", "onnx", str(dense_dir), "--out", str(out), "--quantize", "int4"]
+    argv += ["--text", str(text), "--quant-windows", "2", "--quant-seqlen", "32"]
+    argv += ["--max-ppl-increase", "0.5", "--min-agreement", "0.2", "--accuracy-level", "4"]
+    assert main([*argv, "--decode-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized 15 MatMuls to int4 (block 32, accuracy level 4)" in printed
+    assert "vs fp32 on 2 x 32 tokens: perplexity" in printed
+    report = read_report(out)
+    assert report["validation"]["passed"]  # the fp32 graph against PyTorch, before quantizing
+    q = report["quantization"]
+    assert q["validation"]["passed"] and report["onnx_bytes"] == q["onnx_bytes"]
+    meta = json.loads((out / "config.json").read_text())["lp_deploy"]["export"]
+    assert meta["quantization"] == {
+        "mode": "int4",
+        "exclude": [],
+        "block_size": 32,
+        "accuracy_level": 4,
+    }
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+# --------------------------------------------------------------------------- ecosystem
+
+COMPAT_PYTHON = Path(__file__).resolve().parents[1] / ".venv-compat" / "bin" / "python"
+CHECK_OPTIMUM = Path(__file__).resolve().parent / "compat" / "check_optimum.py"
+
+
+@pytest.mark.skipif(
+    not COMPAT_PYTHON.is_file(),
+    reason="compat environment .venv-compat (transformers==4.57.6 + optimum-onnx) is not built "
+    "(make compat)",
+)
+def test_optimum_loads_the_int8_export_and_generates(
+    int8_export: tuple[Path, QuantReport],
+) -> None:
+    from lp_deploy.runtimes.ort_runtime import OrtRuntime
+
+    rt = OrtRuntime(int8_export[0])
+    prompt = rt.encode("the city of the river was built in the early year")
+    expected = rt.generate(prompt, max_new_tokens=16)
+    cmd = [str(COMPAT_PYTHON), str(CHECK_OPTIMUM), str(int8_export[0])]
+    cmd += ["--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "16"]
+    cmd += ["--expected", ",".join(map(str, expected))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"tokens": expected, "match": True}
