@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU machines take the local CPU wheel; GPU users run e.g. `make TORCH_SPEC=torch test`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= onnx,eval,lmeval,dev
+EXTRAS ?= onnx,eval,lmeval,triton,dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lp-deploy-installed
 OUT ?= out/demo
@@ -14,7 +14,18 @@ export LP_DEPLOY_DATA_DIR ?= $(abspath $(DATA_DIR))
 COMPAT ?= .venv-compat
 COMPAT_STAMP := $(COMPAT)/.lp-deploy-installed
 
-.PHONY: venv compat test test-all test-fast lint demo clean
+# Triton Inference Server for `lp-deploy triton serve` and the serving tests: the tritonserver
+# binary (python backend only) from the PyPI wheel nvidia-pytriton, unpacked without its
+# dependencies (pytriton's Python API pins numpy<2), and the environment that runs the python
+# backend's model.py: numpy<2 (the 2.51 stub corrupts tensors with numpy 2), onnxruntime,
+# and lp-deploy itself (tokenizer, sampling, the ONNX Runtime runtime and the batching engine).
+TRITON ?= .triton
+TRITON_STAMP := $(TRITON)/.lp-deploy-installed
+TRITON_VENV ?= .venv-triton
+TRITON_VENV_STAMP := $(TRITON_VENV)/.lp-deploy-installed
+PYTRITON_SPEC ?= nvidia-pytriton==0.7.0
+
+.PHONY: venv compat triton test test-all test-fast lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +39,27 @@ $(COMPAT_STAMP): Makefile
 	$(COMPAT)/bin/pip install --quiet "transformers==4.57.6" "optimum-onnx==0.1.0" onnxruntime
 	touch $@
 
+$(TRITON_VENV_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet "numpy>=1.26,<2" "$(TORCH_SPEC)"
+	$(TRITON_VENV)/bin/pip install --quiet "numpy>=1.26,<2" -e ".[onnx]"
+	touch $@
+
+$(TRITON_STAMP): Makefile $(TRITON_VENV_STAMP)
+	rm -rf $(TRITON)
+	$(TRITON_VENV)/bin/pip install --quiet --no-deps --target $(TRITON) "$(PYTRITON_SPEC)"
+	touch $@
+
 venv: $(STAMP)
 
 compat: $(COMPAT_STAMP)
 
-test: $(STAMP) $(COMPAT_STAMP)
+triton: $(TRITON_STAMP) $(TRITON_VENV_STAMP)
+
+test: $(STAMP) $(COMPAT_STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not heavy"
 
-test-all: $(STAMP) $(COMPAT_STAMP)
+test-all: $(STAMP) $(COMPAT_STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)
@@ -44,7 +68,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy lp_deploy exporters runtimes benchmarks
+	$(BIN)/mypy lp_deploy exporters runtimes serving benchmarks
 
 # The whole pipeline on the built-in model; one torch/ORT thread keeps timings stable on
 # shared machines (THREADS=2 ... to change).
@@ -64,4 +88,4 @@ demo: $(STAMP)
 	@echo "report: $(OUT)/report/report.md (plots: $(OUT)/report/*.png)"
 
 clean:
-	rm -rf $(VENV) $(COMPAT) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT) $(TRITON) $(TRITON_VENV) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -53,6 +53,7 @@ class Kind(str, Enum):
     ONNX = "onnx"  # an 'lp-deploy export onnx' directory
     REPORT = "report"  # an 'lp-deploy bench' report directory
     SWEEP = "sweep"  # an 'lp-deploy sweep' result directory
+    TRITON_REPO = "triton_repo"  # an 'lp-deploy triton build' Triton model repository
 
 
 #: files lp-deploy writes, per kind; used for directories written before manifests existed

@@ -606,6 +606,97 @@ def _print_sweep(result: dict[str, Any]) -> None:
         print(row([f"{p['prune']:6d}", f"{p['patch']:<8}"], p["metrics"]))
 
 
+def _add_triton(sub: Any) -> None:
+    p = sub.add_parser("triton", help="Triton Inference Server: model repository, server, client")
+    cmd = p.add_subparsers(dest="triton_command", required=True)
+    b = cmd.add_parser("build", help="a Triton model repository from an ONNX export")
+    b.add_argument("export_dir", type=Path, help="directory written by 'lp-deploy export onnx'")
+    b.add_argument(
+        "--repo", "--out", dest="repo", type=Path, required=True, help="model repository"
+    )
+    b.add_argument("--name", default=None, help="model name (default: the export's folder)")
+    b.add_argument("--instances", type=int, default=1, help="model instances")
+    b.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    b.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    b.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: default)")
+    b.add_argument("--max-tokens", type=int, default=32, help="default max_tokens")
+    b.add_argument("--engine", type=Path, default=None, help="TensorRT engine (tensorrt_plan)")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a repository lp-deploy did not write (its models are kept)",
+    )
+    b.set_defaults(handler=_run_triton_build)
+    s = cmd.add_parser("serve", help="run the bundled tritonserver on 127.0.0.1 until Ctrl-C")
+    s.add_argument("repo", type=Path)
+    s.add_argument("--http-port", type=int, default=8000, help="0: a free port")
+    s.add_argument("--grpc-port", type=int, default=8001, help="0: a free port")
+    s.add_argument("--model", action="append", default=None, help="default: python models")
+    s.set_defaults(handler=_run_triton_serve)
+    g = cmd.add_parser("generate", help="generate text with a served model")
+    g.add_argument("url", help="HTTP host:port (gRPC host:port with --grpc)")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--stream", action="store_true", help="HTTP generate_stream")
+    g.add_argument("--grpc", action="store_true", help="gRPC streaming (stream_infer)")
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(handler=_run_triton_generate)
+
+
+def _run_triton_build(args: argparse.Namespace) -> int:
+    from lp_deploy.serving.triton_repo import TritonRepoConfig, build_repo
+
+    cfg = TritonRepoConfig(
+        export_dir=args.export_dir,
+        repo=args.repo,
+        name=args.name,
+        instances=args.instances,
+        device=args.device,
+        max_batch=args.max_batch,
+        threads=args.threads,
+        max_tokens=args.max_tokens,
+        engine=args.engine,
+        overwrite=args.overwrite,
+    )
+    result = build_repo(cfg)
+    print(f"wrote {result.repo}: models {', '.join(result.models)} (see README.md there)")
+    return 0
+
+
+def _run_triton_serve(args: argparse.Namespace) -> int:
+    from lp_deploy.serving.server import ServerConfig, serve
+
+    serve(ServerConfig(args.repo, args.http_port, args.grpc_port, args.model))
+    return 0
+
+
+def _run_triton_generate(args: argparse.Namespace) -> int:
+    from lp_deploy.serving import client
+
+    params = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    params["seed"] = args.seed
+    if args.grpc or args.stream:
+        if args.grpc:
+            pieces = client.grpc_stream(
+                args.url, args.model, args.prompt, args.max_tokens, **params
+            )
+        else:
+            pieces = client.http_generate_stream(
+                args.url, args.model, args.prompt, args.max_tokens, **params
+            )
+        for text, _ in pieces:
+            print(text, end="", flush=True)
+        print(flush=True)
+    else:
+        out = client.http_generate(args.url, args.model, args.prompt, args.max_tokens, **params)
+        print(out.text, flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lp-deploy`` argument parser."""
     parser = argparse.ArgumentParser(prog="lp-deploy", description=__doc__)
@@ -622,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS: list[Callable[[Any], None]] = [_add_patch, _add_distill, _add_fold]
 _COMMANDS += [_add_export, _add_generate]
+_COMMANDS += [_add_triton]
 _COMMANDS += [_add_bench, _add_sweep]
 
 

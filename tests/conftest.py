@@ -289,3 +289,13 @@ def smollm2() -> Any:
         return load_model("smollm2-135m")
     except ModelSourceError as exc:
         pytest.skip(f"SmolLM2-135M is not cached and cannot be downloaded: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """``tiny_checkpoint`` exported to ONNX (not validated: the export tests do that);
+    read-only for tests."""
+    from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "tiny"
+    return export_onnx(OnnxExportConfig(model=str(tiny_checkpoint), out=out, validate=False)).out

@@ -200,3 +200,17 @@ def test_every_stage_writes_beside_a_users_file_with_overwrite(
     assert inspect_artifact(out).kind in (Kind.CHECKPOINT, Kind.SWEEP)
     # and a second run, without --overwrite, is still refused: the user's file is there
     assert main(["-q", *argv, "--out", str(out)]) == 2
+
+
+def test_triton_build_follows_the_rule(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    out = _user_dir(tmp_path / "mine")
+    argv = ["-q", "triton", "build", str(tiny_export), "--repo", str(out), "--name", "m"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lp-deploy triton: error:" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [NOTE]
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / NOTE).read_text() == "mine" and inspect_artifact(out).kind == Kind.TRITON_REPO

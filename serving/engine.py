@@ -1,0 +1,334 @@
+"""In-flight batching: concurrent generation requests decoded together by one runtime.
+
+A request is prefilled alone (batch 1, exactly as :meth:`Runtime.stream` does) and then joins
+the running batch at the next decode step; a finished or cancelled one leaves it. Each
+sequence keeps its own KV cache; a decode step left-pads the caches to the longest one, masks
+the padding (``attention_mask``) and gives each row its own position, so a row computes what
+it would alone (up to floating-point summation order). Decode is memory-bound: one step for
+8 sequences reads the weights once, not 8 times — that is where the throughput comes from.
+
+Sampling, the text of each token and the context check are lp-deploy's own
+(:func:`next_token`, :class:`TextDeltas`, :meth:`Runtime.check_length`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lp_deploy.errors import LpDeployError
+from lp_deploy.runtimes import Past, Runtime
+from lp_deploy.runtimes.base import SamplingConfig, TextDeltas, next_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request (the generate model's inputs, checked)."""
+
+    text: str
+    max_tokens: int = 32
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+
+
+class Sink(Protocol):
+    """Where a request's results go (a Triton response sender, a test's list...)."""
+
+    def token(self, token_id: int, text: str) -> None:
+        """A new token and the text it adds (may be empty while a character is incomplete)."""
+
+    def finish(self, token_ids: list[int], text: str, tail: str) -> None:
+        """Done: every token, the whole text, and the text not yet given to :meth:`token`."""
+
+    def fail(self, message: str) -> None:
+        """The request failed (or was cancelled) with ``message``."""
+
+    def cancelled(self) -> bool:
+        """Whether the client has gone (the sequence then leaves the batch)."""
+
+
+def _scalar(inputs: Mapping[str, Any], name: str) -> Any:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    items = list(value.reshape(-1)) if hasattr(value, "reshape") else [value]
+    if len(items) != 1:
+        raise LpDeployError(f"input {name!r} must hold one value, got {len(items)}")
+    item = items[0]
+    return item.item() if hasattr(item, "item") else item
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LpDeployError(f"input {name!r} is not UTF-8 text") from exc
+    return str(value)
+
+
+def parse_request(inputs: Mapping[str, Any], default_max_tokens: int = 32) -> GenerateRequest:
+    """A :class:`GenerateRequest` from the generate model's input arrays (absent: None);
+    a clear :class:`LpDeployError` for a missing prompt or a value out of range.
+
+    Greedy unless ``temperature`` (> 0), ``top_k`` (> 0) or ``top_p`` (< 1) asks to sample.
+    """
+    raw = _scalar(inputs, "text_input")
+    if raw is None:
+        raise LpDeployError("input 'text_input' is required: the prompt text")
+    text = _text(raw, "text_input")
+    if not text:
+        raise LpDeployError("input 'text_input' is empty: give a prompt")
+    max_tokens = _scalar(inputs, "max_tokens")
+    max_tokens = default_max_tokens if max_tokens is None else int(max_tokens)
+    if max_tokens < 1:
+        raise LpDeployError(f"max_tokens must be >= 1, got {max_tokens}")
+    temperature = _scalar(inputs, "temperature")
+    top_k = _scalar(inputs, "top_k")
+    top_p = _scalar(inputs, "top_p")
+    sample = bool(
+        (temperature is not None and temperature > 0)
+        or (top_k is not None and top_k > 0)
+        or (top_p is not None and top_p < 1)
+    )
+    try:
+        sampling = SamplingConfig(
+            sample,
+            float(temperature) if temperature else 1.0,
+            int(top_k or 0),
+            1.0 if top_p is None else float(top_p),
+        )
+    except ValueError as exc:
+        raise LpDeployError(str(exc)) from exc
+    stops = inputs.get("stop")
+    stop = tuple(_text(s, "stop") for s in stops.reshape(-1)) if stops is not None else ()
+    seed = _scalar(inputs, "seed")
+    stream = _scalar(inputs, "stream")
+    return GenerateRequest(
+        text,
+        max_tokens,
+        sampling,
+        None if seed is None else int(seed),
+        tuple(s for s in stop if s),
+        bool(stream),
+    )
+
+
+@dataclass
+class _Sequence:
+    request: GenerateRequest
+    sink: Sink
+    deltas: TextDeltas
+    generator: torch.Generator | None
+    stops: frozenset[int]
+    past: Past = field(default_factory=list)
+    length: int = 0  # tokens in the KV cache
+    last: int = -1  # the token to feed next
+    produced: int = 0
+    done: bool = False
+
+
+class BatchEngine:
+    """Decodes the active requests together, one token per step, on one runtime.
+
+    ``submit`` checks a request (a clear error at once) and queues it; a background thread
+    (``start``) or the caller (``step``) runs the steps. At most ``max_batch`` sequences are
+    active; the others wait in order.
+    """
+
+    def __init__(self, runtime: Runtime, max_batch: int = 8) -> None:
+        if max_batch < 1:
+            raise LpDeployError(f"max_batch must be >= 1, got {max_batch}")
+        self.runtime = runtime
+        self.max_batch = max_batch
+        self._waiting: deque[tuple[_Sequence, list[int]]] = deque()
+        self._active: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode steps run (for tests and the benchmark)
+        self.max_active = 0  # the largest batch decoded together
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        """Queue ``request``; :class:`LpDeployError` when it cannot fit the context."""
+        rt = self.runtime
+        ids = list(rt.tokenizer(request.text)["input_ids"])
+        if not ids:
+            raise LpDeployError("the prompt tokenizes to nothing: give some text")
+        rt.check_length(len(ids), request.max_tokens)
+        seed = request.seed
+        seq = _Sequence(
+            request,
+            sink,
+            TextDeltas(rt.decode),
+            torch.Generator().manual_seed(seed) if seed is not None else None,
+            frozenset(rt.eos_token_ids),
+        )
+        with self._cond:
+            self._waiting.append((seq, ids))
+            self._cond.notify()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._waiting or self._active)
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        """Run the steps on a background thread until :meth:`stop`."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="lp-deploy-batch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for seq in self._active + [s for s, _ in self._waiting]:
+            self._safe(seq, lambda s: s.sink.fail("the model is being unloaded"))
+        self._active, self._waiting = [], deque()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._active or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """Admit waiting requests (prefill), then one decode step for every active one."""
+        try:
+            self._admit()
+            self._drop_finished()
+            if self._active:
+                self._decode()
+                self._drop_finished()
+        except Exception as exc:  # a failed step fails its requests, not the server
+            log.exception("generation step failed")
+            message = f"generation failed: {exc}"
+            for seq in self._active:
+                self._safe(seq, lambda s: s.sink.fail(message))
+            self._active = []
+
+    def _admit(self) -> None:
+        while len(self._active) < self.max_batch:
+            with self._cond:
+                if not self._waiting:
+                    return
+                seq, ids = self._waiting.popleft()
+            if self._cancelled(seq):
+                continue
+            n = len(ids)
+            logits, seq.past = self.runtime.forward(
+                torch.tensor([ids]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
+            )
+            seq.length = n
+            self._active.append(seq)
+            self._emit(seq, logits[0, -1])
+
+    def _decode(self) -> None:
+        active = self._active
+        self.steps += 1
+        self.max_active = max(self.max_active, len(active))
+        width = max(s.length for s in active)
+        mask = torch.zeros(len(active), width + 1, dtype=torch.long)
+        for row, seq in enumerate(active):
+            mask[row, width - seq.length :] = 1
+        past = _left_pad([s.past for s in active], [s.length for s in active], width)
+        logits, present = self.runtime.forward(
+            torch.tensor([[s.last] for s in active]),
+            mask,
+            torch.tensor([[s.length] for s in active]),
+            past,
+        )
+        for row, seq in enumerate(active):
+            start = width - seq.length
+            seq.past = [
+                (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in present
+            ]
+            seq.length += 1
+            self._emit(seq, logits[row, -1])
+
+    # ------------------------------------------------------------------ per sequence
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Pick the next token of ``seq``, hand it to its sink, and see whether it is done."""
+        token = next_token(logits, seq.request.sampling, seq.generator)
+        seq.produced += 1
+        seq.last = token
+        before = seq.deltas.sent
+        delta = seq.deltas.push(token)
+        cut = _stop_at(before + delta, seq.request.stop)
+        if cut is not None:
+            delta = (before + delta)[len(before) : max(cut, len(before))]
+        if not self._safe(seq, lambda s: s.sink.token(token, delta)):
+            return
+        if cut is not None or token in seq.stops or seq.produced >= seq.request.max_tokens:
+            tail = "" if cut is not None else seq.deltas.finish()
+            text = (before + delta) if cut is not None else seq.deltas.sent
+            seq.done = True
+            self._safe(seq, lambda s: s.sink.finish(list(s.deltas.ids), text, tail))
+
+    def _cancelled(self, seq: _Sequence) -> bool:
+        cancelled = False
+        try:
+            cancelled = seq.sink.cancelled()
+        except Exception:  # a sink that cannot tell has lost its client
+            cancelled = True
+        if cancelled:
+            seq.done = True
+            self._safe(seq, lambda s: s.sink.fail("the request was cancelled"))
+        return cancelled
+
+    def _safe(self, seq: _Sequence, call: Any) -> bool:
+        """Call the sink; a sink that raises (the client went away) ends the sequence."""
+        try:
+            call(seq)
+            return True
+        except Exception as exc:
+            log.info("dropping a request whose client is gone: %s", exc)
+            seq.done = True
+            return False
+
+    def _drop_finished(self) -> None:
+        self._active = [s for s in self._active if not s.done and not self._cancelled(s)]
+
+
+def _left_pad(pasts: Sequence[Past], lengths: Sequence[int], width: int) -> Past:
+    """Per-layer caches of every sequence, left-padded with zeros to ``width`` positions."""
+    layers = len(pasts[0])
+    out: Past = []
+    for layer in range(layers):
+        pair = []
+        for which in (0, 1):
+            first = pasts[0][layer][which]
+            shape = (len(pasts), first.shape[1], width, first.shape[3])
+            full = torch.zeros(shape, dtype=first.dtype, device=first.device)
+            for row, (past, n) in enumerate(zip(pasts, lengths, strict=True)):
+                full[row, :, width - n :] = past[layer][which][0]
+            pair.append(full)
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string begins in ``text`` (None: none occurs)."""
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None

@@ -1,0 +1,293 @@
+"""A local ``tritonserver`` for development and tests (``lp-deploy triton serve``).
+
+It runs the ``tritonserver`` 2.51 binary of the PyPI wheel ``nvidia-pytriton`` (python backend
+only), unpacked by ``make triton`` into ``.triton`` without pytriton's Python dependencies, and
+runs the python backend's stub in a numpy<2 environment (``.venv-triton``). The recipe (see
+``../shared/ENVIRONMENT.md``): the server directory is copied to a temporary directory and the
+stub for the environment's Python installed into its python backend; ``LD_LIBRARY_PATH``
+holds the wheel's libraries and that Python's ``LIBDIR`` (else the stub mixes two
+libpythons); ``PATH`` starts with the environment's ``bin``. The server listens on 127.0.0.1
+only, in explicit model-control mode (a model that fails to load does not stop it), and is
+stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from lp_deploy.errors import LpDeployError
+
+from .triton_repo import CONFIG_PBTXT
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+TRITON_DIR_ENV = "LP_DEPLOY_TRITON_DIR"
+PYTHON_ENV_ENV = "LP_DEPLOY_TRITON_ENV"
+#: the source checkout (for an editable install): where ``make triton`` puts its folders
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _find(given: Path | None, env: str, name: str, what: str) -> Path:
+    candidates = [given] if given else [Path(p) for p in [os.environ.get(env)] if p]
+    candidates = candidates or [Path.cwd() / name, SOURCE_ROOT / name]
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    raise LpDeployError(
+        f"{what} not found (looked in {', '.join(map(str, candidates))}); build it with "
+        f"'make triton' in the lp-deploy checkout, or set {env}"
+    )
+
+
+def triton_dir(given: Path | None = None) -> Path:
+    """The unpacked ``nvidia-pytriton`` wheel (holding ``pytriton/tritonserver``)."""
+    return _find(given, TRITON_DIR_ENV, ".triton", "the tritonserver wheel (.triton)")
+
+
+def python_env(given: Path | None = None) -> Path:
+    """The numpy<2 environment that runs the python backend's ``model.py``."""
+    return _find(given, PYTHON_ENV_ENV, ".venv-triton", "the python backend's environment")
+
+
+def python_models(repo: Path) -> list[str]:
+    """Models of ``repo`` this server can load: those of the python backend."""
+    found = []
+    for cfg in sorted(repo.glob(f"*/{CONFIG_PBTXT}")):
+        text = cfg.read_text()
+        if 'backend: "python"' in text:
+            found.append(cfg.parent.name)
+    return found
+
+
+@dataclass
+class ServerConfig:
+    """Options of ``lp-deploy triton serve``; ports 0 pick free ones."""
+
+    repo: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    models: list[str] | None = None  # default: every python-backend model in the repository
+    triton: Path | None = None
+    env: Path | None = None
+    startup_timeout: float = 180.0
+    exit_timeout: int = 5
+    log_verbose: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class TritonServer:
+    """A running ``tritonserver``; ``with TritonServer(cfg) as server:`` starts it, waits
+    until its models are ready, and stops it by its PID (SIGINT, then SIGKILL)."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.repo = Path(cfg.repo).expanduser().resolve()
+        if not self.repo.is_dir():
+            raise LpDeployError(f"model repository {self.repo} does not exist")
+        self.models = cfg.models if cfg.models is not None else python_models(self.repo)
+        self.http_port = cfg.http_port or free_port()
+        self.grpc_port = cfg.grpc_port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._tmp: Path | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{HOST}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    # ------------------------------------------------------------------ start
+
+    def _prepare(self) -> tuple[list[str], dict[str, str]]:
+        wheel = triton_dir(self.cfg.triton)
+        env_dir = python_env(self.cfg.env)
+        python = env_dir / "bin" / "python"
+        info = subprocess.run(
+            [
+                str(python),
+                "-c",
+                "import sys,sysconfig;print(sys.version_info[0],"
+                "sys.version_info[1],sysconfig.get_config_var('LIBDIR'))",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        version, libdir = f"{info[0]}.{info[1]}", info[2]
+        self._tmp = Path(tempfile.mkdtemp(prefix="lp-deploy-triton-"))
+        server = self._tmp / "tritonserver"
+        shutil.copytree(wheel / "pytriton" / "tritonserver", server, symlinks=True)
+        stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise LpDeployError(f"the tritonserver wheel has no python backend stub for {version}")
+        shutil.copy2(stub, server / "backends" / "python" / stub.name)
+        env = dict(os.environ)
+        libs = [str(wheel / "nvidia_pytriton.libs"), libdir, env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+        env["PATH"] = f"{env_dir / 'bin'}:{env.get('PATH', '')}"
+        env.update(self.cfg.extra_env)
+        cmd = [
+            str(server / "bin" / "tritonserver"),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={server / 'backends'}",
+            f"--cache-directory={server / 'caches'}",
+            f"--http-address={HOST}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            f"--exit-timeout-secs={self.cfg.exit_timeout}",
+            "--model-control-mode=explicit",
+            f"--log-verbose={self.cfg.log_verbose}",
+            *[f"--load-model={m}" for m in self.models],
+        ]
+        return cmd, env
+
+    def start(self) -> TritonServer:
+        """Start the server and wait until it and its models are ready."""
+        cmd, env = self._prepare()
+        assert self._tmp is not None
+        self.log_path = self._tmp / "tritonserver.log"
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        log.info("tritonserver pid %d on %s (HTTP) / %s (gRPC)", self.pid, self.url, self.grpc_url)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        paths = ["/v2/health/ready", *[f"/v2/models/{m}/ready" for m in self.models]]
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise LpDeployError(
+                    f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
+            if all(self._get(p) == 200 for p in paths):
+                return
+            time.sleep(0.25)
+        raise LpDeployError(
+            f"tritonserver was not ready after {self.cfg.startup_timeout:.0f} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, chars: int = 4000) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    # ------------------------------------------------------------------ repository API
+
+    def repository_call(self, action: str, model: str) -> None:
+        """``load`` or ``unload`` ``model`` through Triton's repository API."""
+        req = urllib.request.Request(
+            f"http://{self.url}/v2/repository/models/{model}/{action}",
+            data=json.dumps({}).encode(),
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.startup_timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            raise LpDeployError(f"{action} {model}: {exc.read().decode(errors='replace')}") from exc
+
+    def model_ready(self, model: str) -> bool:
+        return self._get(f"/v2/models/{model}/ready") == 200
+
+    # ------------------------------------------------------------------ stop
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server by its PID (SIGINT, SIGKILL after ``timeout``); remove its files."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "tritonserver pid %d did not stop in %.0f s: killing", proc.pid, timeout
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if proc is not None and proc.poll() is not None:
+            # the python backend stubs are in the server's process group (own session)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(cfg: ServerConfig) -> None:
+    """Run a server until Ctrl-C (library entry point of ``lp-deploy triton serve``)."""
+    server = TritonServer(cfg)
+    server.start()
+    print(
+        f"tritonserver (pid {server.pid}) ready: HTTP http://{server.url}, gRPC {server.grpc_url}; "
+        f"models {', '.join(server.models) or '(none)'}. Ctrl-C stops it.",
+        flush=True,
+    )
+    try:
+        assert server.process is not None
+        server.process.wait()
+        raise LpDeployError(f"tritonserver exited with code {server.process.returncode}")
+    except KeyboardInterrupt:
+        print("stopping tritonserver", flush=True)
+    finally:
+        server.stop()
