@@ -18,12 +18,18 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
@@ -127,6 +133,9 @@ ARCHS: dict[str, tuple[Any, Any]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "phi3": (Phi3Config, Phi3ForCausalLM),
     "granite": (GraniteConfig, GraniteForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 #: what makes each family different, set to non-trivial values
 ARCH_KWARGS: dict[str, dict[str, Any]] = {
@@ -137,7 +146,25 @@ ARCH_KWARGS: dict[str, dict[str, Any]] = {
         "attention_multiplier": 0.1,
         "logits_scaling": 4.0,
     },
+    "gemma2": {
+        "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 5.0,
+        "attn_logit_softcapping": 20.0,
+    },
+    "gemma3": {"query_pre_attn_scalar": 16},
 }
+GEMMAS = ("gemma2", "gemma3")
+
+
+def gemma_layer_types(arch: str, num_layers: int, sliding: bool) -> list[str]:
+    """Gemma 2 alternates local and global layers, Gemma 3 has two local per global here."""
+    period = 2 if arch == "gemma2" else 3
+    return [
+        "sliding_attention" if sliding and (i + 1) % period else "full_attention"
+        for i in range(num_layers)
+    ]
+
+
 SLIDING_WINDOW = 8  # short enough that the test sequences cross it
 
 
@@ -186,6 +213,11 @@ def make_tiny_model(
     elif arch == "mistral":
         kwargs["sliding_window"] = None
     kwargs.update(ARCH_KWARGS.get(arch, {}))
+    if arch in GEMMAS:
+        kwargs.update(
+            sliding_window=SLIDING_WINDOW,
+            layer_types=gemma_layer_types(arch, num_layers, sliding),
+        )
     config = cfg_cls(**kwargs)
     torch.manual_seed(seed)
     model = model_cls(config)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import GEMMAS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -159,7 +160,7 @@ def test_layer_indices_and_types_after_pruning(
     new_count = LAYERS - len(PLANS[plan_name])
     assert len(adapter.layers) == model.config.num_hidden_layers == new_count == len(plan.kept)
     assert [unwrap(layer).self_attn.layer_idx for layer in adapter.layers] == list(range(new_count))
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", *GEMMAS):
         assert original_types is not None and len(set(original_types)) == 2
         assert model.config.layer_types == [original_types[i] for i in plan.kept]
         for layer, kind in zip(adapter.layers, model.config.layer_types, strict=True):
@@ -167,7 +168,8 @@ def test_layer_indices_and_types_after_pruning(
             assert attn.layer_type == kind
             assert (attn.sliding_window is not None) == (kind == "sliding_attention")
     else:
-        assert getattr(model.config, "layer_types", None) is None
+        types = getattr(model.config, "layer_types", None)
+        assert types is None or set(types) == {"full_attention"}
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,6 +51,10 @@ def test_fold_is_exact(tiny_model: Factory, arch: str, tied: bool, plan: str) ->
     model = _patched(tiny_model, arch, tied, PLANS[plan])
     folded = copy.deepcopy(model)
     report = fold_model(folded)
+    blocker = get_adapter(model).fold_blocker
+    if blocker is not None:
+        _check_refusal(model, folded, report, blocker)
+        return
     assert report.mode == "rotated", report.reason
     assert report.untied_embeddings == tied
     gaps = len(make_plan(LAYERS, PLANS[plan], "manual").gaps)
@@ -65,6 +70,19 @@ def test_fold_is_exact(tiny_model: Factory, arch: str, tied: bool, plan: str) ->
         a = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
         b = folded.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
+
+
+def _check_refusal(model: nn.Module, folded: nn.Module, report: Any, blocker: str) -> None:
+    """A family whose stream cannot be rotated: the fold says why, keeps every MatMul and
+    changes nothing."""
+    assert report.mode == "unrotated" and report.reason == f"cannot fold exactly: {blocker}"
+    assert "post-norms" in blocker and "MatMul" in blocker
+    kept = installed_patches(get_adapter(folded)).values()
+    assert kept and all(isinstance(p, LinearPatch) for p in kept)
+    assert report.patch_ops["per_channel_mul"] == 0
+    assert report.params_after == report.params_before
+    max_abs, _ = compare_logits(model, folded, _ids())
+    assert max_abs == 0.0
 
 
 def test_untying_costs_one_embedding_matrix(tiny_model: Factory) -> None:

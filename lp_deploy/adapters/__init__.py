@@ -5,9 +5,11 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from lp_deploy.adapters.base import LayerAdapter, ModelAdapter, Projection, WeightView
+from lp_deploy.adapters.gemma import Gemma2Adapter, Gemma3Adapter
 from lp_deploy.adapters.granite import GraniteAdapter
 from lp_deploy.adapters.llama import LlamaAdapter
 from lp_deploy.adapters.mistral import MistralAdapter
+from lp_deploy.adapters.olmo2 import Olmo2Adapter
 from lp_deploy.adapters.phi3 import Phi3Adapter
 from lp_deploy.adapters.qwen2 import Qwen2Adapter
 from lp_deploy.adapters.qwen3 import Qwen3Adapter
@@ -20,6 +22,9 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen3Adapter,
     Phi3Adapter,
     GraniteAdapter,
+    Olmo2Adapter,
+    Gemma2Adapter,
+    Gemma3Adapter,
 )
 
 

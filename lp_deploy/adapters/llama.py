@@ -14,11 +14,11 @@ class LlamaLayerAdapter(LayerAdapter):
     """Pre-norm layer: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     @property
-    def attn_norm(self) -> nn.Module:
+    def attn_norm(self) -> nn.Module | None:
         return self.layer.input_layernorm
 
     @property
-    def mlp_norm(self) -> nn.Module:
+    def mlp_norm(self) -> nn.Module | None:
         return self.layer.post_attention_layernorm
 
     @property
