@@ -59,16 +59,38 @@ def prefix_hidden(adapter: ModelAdapter, ids: torch.Tensor, position: int) -> to
     return captured[0]
 
 
+def _replace_input(value: torch.Tensor) -> Any:
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return (value, *args[1:]), kwargs
+
+    return hook
+
+
 def suffix_hidden(adapter: ModelAdapter, prefix: torch.Tensor, position: int) -> torch.Tensor:
     """The final (normed) hidden state from the prefix: the patch, the layers after it, the
-    final norm."""
-    with only_layers(adapter, position, len(adapter.layers)):
-        out = adapter.backbone(inputs_embeds=prefix, use_cache=False)
+    final norm. The prefix replaces the input of the first remaining module, so whatever the
+    backbone does to its embeddings (e.g. Granite's multiplier) does not touch it."""
+    layers = list(adapter.layers)
+    first = layers[position] if position < len(layers) else adapter.final_norm
+    handle = first.register_forward_pre_hook(_replace_input(prefix), with_kwargs=True)
+    try:
+        with only_layers(adapter, position, len(layers)):
+            out = adapter.backbone(inputs_embeds=prefix, use_cache=False)
+    finally:
+        handle.remove()
     return out.last_hidden_state
 
 
+def _plain_logits(adapter: ModelAdapter) -> bool:
+    """Whether the family's logits are just ``lm_head(hidden)`` (no scaling or capping)."""
+    return type(adapter).logits is ModelAdapter.logits
+
+
 def topk_logits(adapter: ModelAdapter, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The lm_head's logits at ``ids`` (B, T, k) only, without the full vocabulary."""
+    """The logits at ``ids`` (B, T, k); for plain ``lm_head`` families only those k rows of
+    the lm_head are used, not the full vocabulary."""
+    if not _plain_logits(adapter):
+        return adapter.logits(hidden).gather(-1, ids)
     head = adapter.lm_head
     rows = head.weight[ids]  # (B, T, k, d)
     logits = torch.einsum("btd,btkd->btk", hidden.to(rows.dtype), rows)

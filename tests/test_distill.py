@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ARCHS
 
 import lp_deploy.distill as distill_mod
 from lp_deploy.calibration import CalibrationSpec
@@ -75,7 +76,7 @@ def _cfg(patched: Path, text_file: Path, out: Path, **kwargs: Any) -> DistillCon
 # --------------------------------------------------------------------------- acceptance 3
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_prefix_cached_step_equals_the_full_model(
     arch: str,
     save_tiny_model: Callable[..., Path],
@@ -84,7 +85,7 @@ def test_prefix_cached_step_equals_the_full_model(
     tmp_path: Path,
 ) -> None:
     """Same loss (and gradient) from the cached prefix as from the whole model, with a
-    perturbed patch and mixed sliding/full layers (qwen2)."""
+    perturbed patch, on every architecture (mixed sliding/full layers, Granite's multipliers)."""
     patched = _patched(save_tiny_model, text_file, tmp_path, arch=arch)
     dense = load_model(load_patched(patched).meta["source"]["source"])
     student = load_patched(patched)
