@@ -155,15 +155,7 @@ def _to_device(model: Any, device: torch.device) -> None:
     model.to(device)
 
 
-def teacher_cache(
-    cfg: DistillConfig, student: LoadedModel, windows: torch.Tensor, key: dict[str, Any]
-) -> tuple[TeacherCache, bool]:
-    """The matching teacher cache, built (dense model loaded once) when absent."""
-    directory = Path(cfg.teacher_cache or default_cache_dir(key)).expanduser()
-    manifest = check_cache(directory, key)
-    if manifest is not None:
-        log.info("teacher cache: reusing %s", directory)
-        return TeacherCache(directory, manifest), False
+def _load_dense(cfg: DistillConfig, student: LoadedModel) -> LoadedModel:
     source = student.meta.get("source") or {}
     dense = load_model(source.get("source", ""))
     if source.get("sha256") and dense.source.get("sha256") != source["sha256"]:
@@ -172,35 +164,121 @@ def teacher_cache(
             f"but the checkpoint was pruned from {source['sha256']}"
         )
     _to_device(dense.model, _device(cfg))
-    manifest = build_cache(dense, windows, key, directory, cfg.data.data, cfg.progress)
-    del dense
-    return TeacherCache(directory, manifest), True
+    return dense
 
 
-def _prefix_key(teacher: TeacherCache, position: int, digest: str, dtype: str) -> dict[str, Any]:
-    key = {k: teacher.manifest[k] for k in ("model", "data", "k", "seqlen", "count")}
+@dataclass
+class Caches:
+    """The teacher cache and the prefix cache of one run, and what building them took."""
+
+    teacher: TeacherCache
+    prefix: ShardReader
+    built: list[str]
+
+
+def _prefix_dir(cfg: DistillConfig) -> Path:
+    return state_dir(cfg) / "prefix"
+
+
+def _prefix_key(key: dict[str, Any], position: int, digest: str, dtype: str) -> dict[str, Any]:
     return {"teacher": key, "position": position, "weights": digest, "dtype": dtype}
 
 
-def prefix_cache(
-    cfg: DistillConfig, student: LoadedModel, teacher: TeacherCache, position: int
-) -> ShardReader:
-    """The hidden states entering the first patch, one per window, on disk."""
-    directory = state_dir(cfg) / "prefix"
-    key = _prefix_key(teacher, position, prefix_digest(student.adapter, position), cfg.prefix_dtype)
+def _existing_prefix(directory: Path, key: dict[str, Any]) -> ShardReader | None:
     manifest = read_manifest(directory, "prefix cache")
     if manifest is not None and manifest.get("key") == key:
         return ShardReader(directory, manifest["shards"])
     if manifest is not None:
         shutil.rmtree(directory)
+    return None
+
+
+@contextlib.contextmanager
+def _prefix_writer(cfg: DistillConfig, key: dict[str, Any]) -> Iterator[Any]:
+    with write_shards(_prefix_dir(cfg), PREFIX_WINDOWS_PER_SHARD) as writer:
+        yield writer
+        writer.flush()
+        write_manifest(writer.directory, {"key": key, "shards": writer.shards})
+
+
+def _build_both(
+    cfg: DistillConfig,
+    dense: LoadedModel,
+    windows: torch.Tensor,
+    key: dict[str, Any],
+    directory: Path,
+    position: int,
+    pkey: dict[str, Any],
+) -> tuple[TeacherCache, ShardReader]:
+    """One dense pass fills both caches: the dense model's layers before the first gap are
+    the student's prefix layers (same weights, checked by digest)."""
+    layers = list(dense.adapter.layers)
+    grabbed: list[torch.Tensor] = []
+    dtype = PREFIX_DTYPES[cfg.prefix_dtype]
+    hook = layers[position].register_forward_pre_hook(lambda _m, a: grabbed.append(a[0]))
+    try:
+        with _prefix_writer(cfg, pkey) as writer:
+            manifest = build_cache(
+                dense,
+                windows,
+                key,
+                directory,
+                cfg.data.data,
+                cfg.progress,
+                after_window=lambda: writer.add({"hidden": grabbed.pop()[0].to(dtype)}),
+            )
+    finally:
+        hook.remove()
+    return TeacherCache(directory, manifest), ShardReader(_prefix_dir(cfg), writer.shards)
+
+
+def _student_prefix(
+    cfg: DistillConfig,
+    student: LoadedModel,
+    teacher: TeacherCache,
+    position: int,
+    pkey: dict[str, Any],
+) -> ShardReader:
+    """The prefix states from the student's own first layers (teacher cache reused)."""
     device, dtype = _device(cfg), PREFIX_DTYPES[cfg.prefix_dtype]
-    with write_shards(directory, PREFIX_WINDOWS_PER_SHARD) as writer:
+    with _prefix_writer(cfg, pkey) as writer:
         for i in tqdm(range(len(teacher)), desc="prefix cache", disable=not cfg.progress):
             ids = teacher.window(i)["input_ids"].unsqueeze(0).to(device)
             writer.add({"hidden": prefix_hidden(student.adapter, ids, position)[0].to(dtype)})
-        writer.flush()
-        write_manifest(writer.directory, {"key": key, "shards": writer.shards})
-    return ShardReader(directory, writer.shards)
+    return ShardReader(_prefix_dir(cfg), writer.shards)
+
+
+def build_caches(
+    cfg: DistillConfig,
+    student: LoadedModel,
+    windows: torch.Tensor,
+    key: dict[str, Any],
+    position: int,
+) -> Caches:
+    """The matching teacher cache (the dense model runs once when it is absent) and the
+    prefix cache (filled in the same dense pass when both are built)."""
+    directory = Path(cfg.teacher_cache or default_cache_dir(key)).expanduser()
+    digest = prefix_digest(student.adapter, position)
+    pkey = _prefix_key(key, position, digest, cfg.prefix_dtype)
+    prefix = _existing_prefix(_prefix_dir(cfg), pkey)
+    manifest = check_cache(directory, key)
+    if manifest is not None:
+        teacher = TeacherCache(directory, manifest)
+        if prefix is not None:
+            return Caches(teacher, prefix, [])
+        return Caches(teacher, _student_prefix(cfg, student, teacher, position, pkey), ["prefix"])
+    dense = _load_dense(cfg, student)
+    if prefix is None and prefix_digest(dense.adapter, position) == digest:
+        teacher, prefix = _build_both(cfg, dense, windows, key, directory, position, pkey)
+        return Caches(teacher, prefix, ["teacher", "prefix (same pass)"])
+    teacher = TeacherCache(
+        directory, build_cache(dense, windows, key, directory, cfg.data.data, cfg.progress)
+    )
+    del dense
+    if prefix is None:
+        prefix = _student_prefix(cfg, student, teacher, position, pkey)
+        return Caches(teacher, prefix, ["teacher", "prefix"])
+    return Caches(teacher, prefix, ["teacher"])
 
 
 # --------------------------------------------------------------------------- training
@@ -459,14 +537,13 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
     with clock.phase("total"):
         student, position, windows, tkey = _prepare(cfg)
         dtype = next(student.model.parameters()).dtype
-        with clock.phase("teacher_cache"):
-            teacher, built = teacher_cache(cfg, student, windows, tkey)
-        with clock.phase("prefix_cache"):
-            prefix = prefix_cache(cfg, student, teacher, position)
+        with clock.phase("caches"):
+            caches = build_caches(cfg, student, windows, tkey, position)
+        teacher, prefix = caches.teacher, caches.prefix
         with clock.phase("train"):
             state = _train(cfg, student, position, teacher, prefix, _run_key(cfg, tkey, position))
         export_patches(student.adapter, dtype)
-        extra: dict[str, Any] = {"teacher_cache_built": built, "patch_position": position}
+        extra: dict[str, Any] = {"caches_built": caches.built, "patch_position": position}
         if cfg.perplexity is not None:
             with clock.phase("perplexity"):
                 ppl_windows = cfg.perplexity.windows(student.tokenizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,10 @@ def build_cache(
     directory: Path,
     data_path: str,
     progress: bool = True,
+    after_window: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the dense model over ``windows`` once and write the cache (atomically)."""
+    """Run the dense model over ``windows`` once and write the cache (atomically);
+    ``after_window`` runs after each window's forward pass (e.g. to keep a hooked state)."""
     vocab = int(dense.model.config.get_text_config().vocab_size)
     if key["k"] > vocab:
         raise LpDeployError(f"--topk {key['k']} is above the vocabulary size {vocab}")
@@ -120,6 +123,8 @@ def build_cache(
             writer.add(
                 {"input_ids": row.to(torch.int32), **teacher_topk(dense.model, row, key["k"])}
             )
+            if after_window is not None:
+                after_window()
         writer.flush()
         manifest = {**key, "vocab_size": vocab, "tokens": int(windows.numel())}
         manifest["data_path"] = str(data_path)

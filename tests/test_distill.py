@@ -143,7 +143,8 @@ def test_resume_after_a_kill_ends_with_the_same_patch(
     monkeypatch.undo()
     monkeypatch.setenv("LP_DEPLOY_CACHE", str(tmp_path / "cache"))
     resumed = run_distill(_cfg(patched, text_file, killed_out, resume=True, **settings))
-    assert resumed.summary["teacher_cache_built"] is False
+    assert whole.summary["caches_built"] == ["teacher", "prefix (same pass)"]
+    assert resumed.summary["caches_built"] == []  # both reused
     a = installed_patches(whole.model.adapter)
     b = installed_patches(load_patched(killed_out).adapter)
     assert a.keys() == b.keys() == {2}
