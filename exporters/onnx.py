@@ -257,13 +257,28 @@ def quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def traceable_experts(model: PreTrainedModel) -> Iterator[None]:
+    """Mixture-of-experts models run their experts as ``batched_mm`` while traced (every
+    token gathers its experts' weights: no data-dependent loop, no custom op)."""
+    current = getattr(model.config, "_experts_implementation", None)
+    if current is None or current == "batched_mm":
+        yield
+        return
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(current)
+
+
 def trace(model: PreTrainedModel, opset: int) -> Any:
     """``torch.onnx.export(..., dynamo=True)`` of the KV-cache wrapper (an ``ONNXProgram``)."""
     layout = kv_layout(model)
     args, dyn = sample_inputs(model, layout)
     inputs, outputs = io_names(layout[0])
     wrapper = KVCacheWrapper(model, layout[0]).eval()
-    with torch.no_grad(), quiet_exporter():
+    with torch.no_grad(), quiet_exporter(), traceable_experts(model):
         program = torch.onnx.export(
             wrapper,
             args,

@@ -38,6 +38,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 _THREADS = int(os.environ.get("LP_DEPLOY_TEST_THREADS", "1"))
@@ -136,6 +138,7 @@ ARCHS: dict[str, tuple[Any, Any]] = {
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
 #: what makes each family different, set to non-trivial values
 ARCH_KWARGS: dict[str, dict[str, Any]] = {
@@ -152,6 +155,14 @@ ARCH_KWARGS: dict[str, dict[str, Any]] = {
         "attn_logit_softcapping": 20.0,
     },
     "gemma3": {"query_pre_attn_scalar": 16},
+    # 4 experts, 2 per token; layer 1 keeps a dense MLP (pruning must renumber that)
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "mlp_only_layers": [1],
+        "norm_topk_prob": True,
+    },
 }
 GEMMAS = ("gemma2", "gemma3")
 

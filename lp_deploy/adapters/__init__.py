@@ -13,6 +13,7 @@ from lp_deploy.adapters.olmo2 import Olmo2Adapter
 from lp_deploy.adapters.phi3 import Phi3Adapter
 from lp_deploy.adapters.qwen2 import Qwen2Adapter
 from lp_deploy.adapters.qwen3 import Qwen3Adapter
+from lp_deploy.adapters.qwen3_moe import Qwen3MoeAdapter
 from lp_deploy.errors import UnsupportedArchitectureError
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
@@ -25,6 +26,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Olmo2Adapter,
     Gemma2Adapter,
     Gemma3Adapter,
+    Qwen3MoeAdapter,
 )
 
 
