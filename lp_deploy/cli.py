@@ -645,6 +645,47 @@ def _add_triton(sub: Any) -> None:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(handler=_run_triton_generate)
+    _add_triton_bench(cmd)
+
+
+def _add_triton_bench(cmd: Any) -> None:
+    from lp_deploy.serving.client import PROTOCOLS
+
+    p = cmd.add_parser("bench", help="load benchmark: N concurrent clients vs 1, side by side")
+    p.add_argument("source", type=Path, nargs="?", help="ONNX export or model repository")
+    p.add_argument("--url", default=None, help="a running server's HTTP host:port instead")
+    p.add_argument("--grpc-url", default=None)
+    p.add_argument("--model", default="bench", help="model name (in the repository/server)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=20, help="per client")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--protocol", default="http-stream", choices=list(PROTOCOLS))
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per instance")
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    p.set_defaults(handler=_run_triton_bench)
+
+
+def _run_triton_bench(args: argparse.Namespace) -> int:
+    from lp_deploy.benchmarks.serving import ServingBenchConfig, format_result, run_serving_bench
+
+    cfg = ServingBenchConfig(
+        source=args.source,
+        model=args.model,
+        clients=args.clients,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        protocol=args.protocol,
+        max_batch=args.max_batch,
+        threads=args.threads,
+        url=args.url,
+        grpc_url=args.grpc_url,
+        out=args.json,
+    )
+    result = run_serving_bench(cfg)
+    print(format_result(result))
+    bad = result.concurrent.errors + result.concurrent.mismatches + result.single.errors
+    return 1 if bad else 0
 
 
 def _run_triton_build(args: argparse.Namespace) -> int:
