@@ -176,6 +176,18 @@ def test_unload_and_reload(server: TritonServer, local: Runtime) -> None:
     assert client.http_generate(server.url, MODEL, PROMPTS[0], TOKENS).token_ids == want
 
 
+def test_concurrent_clients_get_their_single_request_answers(server: TritonServer) -> None:
+    from lp_deploy.benchmarks.serving import ServingBenchConfig, run_serving_bench
+
+    cfg = ServingBenchConfig(
+        model=MODEL, clients=4, requests=3, max_tokens=12, url=server.url, grpc_url=server.grpc_url
+    )
+    result = run_serving_bench(cfg)
+    for p in (result.single, result.concurrent):
+        assert p.errors == 0 and p.mismatches == 0 and p.tokens > 0
+    assert result.concurrent.requests == 12 and result.throughput_ratio > 0
+
+
 def test_zz_the_server_stops_by_its_pid(server: TritonServer) -> None:
     """Last in the module: the shared server stops by its PID and leaves no process."""
     pid = server.pid
