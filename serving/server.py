@@ -274,16 +274,24 @@ class TritonServer:
         self.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def serve(cfg: ServerConfig) -> None:
-    """Run a server until Ctrl-C (library entry point of ``lp-deploy triton serve``)."""
+    """Run a server until Ctrl-C or SIGTERM (library entry point of ``lp-deploy triton
+    serve``); the server is stopped by its PID either way."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background
+        signal.signal(signal.SIGINT, _interrupt)
     server = TritonServer(cfg)
-    server.start()
-    print(
-        f"tritonserver (pid {server.pid}) ready: HTTP http://{server.url}, gRPC {server.grpc_url}; "
-        f"models {', '.join(server.models) or '(none)'}. Ctrl-C stops it.",
-        flush=True,
-    )
     try:
+        server.start()
+        print(
+            f"tritonserver (pid {server.pid}) ready: HTTP http://{server.url}, gRPC "
+            f"{server.grpc_url}; models {', '.join(server.models) or '(none)'}. Ctrl-C stops it.",
+            flush=True,
+        )
         assert server.process is not None
         server.process.wait()
         raise LpDeployError(f"tritonserver exited with code {server.process.returncode}")
