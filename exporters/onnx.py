@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -30,12 +31,15 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy import __version__
 from lp_deploy.artifacts import (
+    CONFIG_FILE,
     EXPORT_REPORT_FILE,
+    MANIFEST_FILE,
     META_KEY,
     ONNX_DATA_FILE,
     ONNX_FILE,
     Kind,
     check_out,
+    inspect_artifact,
     output_dir,
 )
 from lp_deploy.calibration import tokenize_text
@@ -129,6 +133,7 @@ class ExportReport:
     fusions: dict[str, int] = field(default_factory=dict)
     validation: ValidationReport | None = None  # the fp32 graph against PyTorch
     quantization: QuantReport | None = None  # the quantized graph against the fp32 one
+    quantized_from: str | None = None  # the fp32 export quantized (no new trace)
 
 
 def tolerances(
@@ -585,8 +590,11 @@ class ExportResult:
 
 
 def export_onnx(cfg: OnnxExportConfig) -> ExportResult:
-    """Export, optimise (optional), validate and publish ``cfg.out``."""
+    """Export, optimise (optional), validate and publish ``cfg.out``. With ``quantize`` and an
+    fp32 ONNX export as ``model``, only quantizes that export (no new trace)."""
     started = time.perf_counter()
+    if cfg.quantize is not None and _is_onnx_export(cfg.model):
+        return _quantize_existing(cfg, started)
     loaded = _load(cfg)
     out = Path(cfg.out).expanduser()
     with output_dir(out, Kind.ONNX, cfg.overwrite) as tmp:
@@ -651,6 +659,63 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
     seconds["total"] = time.perf_counter() - started
     report.seconds = {k: round(v, 2) for k, v in seconds.items()}
     return report
+
+
+def _is_onnx_export(source: str | Path) -> bool:
+    try:
+        return inspect_artifact(source).kind == Kind.ONNX
+    except LpDeployError:
+        return False
+
+
+def _quantize_existing(cfg: OnnxExportConfig, started: float) -> ExportResult:
+    """Quantize the fp32 export ``cfg.model`` into ``cfg.out`` (side files copied, the
+    ``export`` record of config.json and export.json extended by the quantization)."""
+    from transformers import AutoTokenizer
+
+    assert cfg.quantize is not None
+    cfg.quantize.check()
+    src = Path(cfg.model).expanduser()
+    report = read_report(src)
+    if report.get("quantization") or report.get("dtype") != "fp32":
+        raise LpDeployError(
+            f"{src} is not an fp32 export (dtype {report.get('dtype')}, quantization "
+            f"{(report.get('quantization') or {}).get('mode')}); quantize the fp32 export"
+        )
+    check_out(cfg.out, Kind.ONNX, cfg.overwrite)
+    out = Path(cfg.out).expanduser()
+    with output_dir(out, Kind.ONNX, cfg.overwrite) as tmp:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in (MANIFEST_FILE, EXPORT_REPORT_FILE):
+                shutil.copy2(f, tmp / f.name)
+        _record_quantization(tmp / CONFIG_FILE, cfg.quantize)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        quant = quantize_export(tmp, cfg.quantize, tokenizer, cfg.validate)
+        result = _report_from(report, quant, src, time.perf_counter() - started)
+        (tmp / EXPORT_REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return ExportResult(out, result)
+
+
+def _report_from(
+    fp32: dict[str, Any], quant: QuantReport, src: Path, seconds: float
+) -> ExportReport:
+    """The fp32 export's report (its validation against PyTorch kept) plus the quantization."""
+    fields = {k: v for k, v in fp32.items() if k in ExportReport.__dataclass_fields__}
+    validation = fields.pop("validation", None)
+    fields.update(
+        validation=ValidationReport(**validation) if validation else None,
+        quantization=quant,
+        onnx_bytes=quant.onnx_bytes,
+        quantized_from=str(src),
+        seconds={"quantize": round(seconds, 2)},
+    )
+    return ExportReport(**fields)
+
+
+def _record_quantization(config_file: Path, q: QuantizeConfig) -> None:
+    config = json.loads(config_file.read_text())
+    config[META_KEY]["export"]["quantization"] = _quant_meta(q)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def run_validation(

@@ -79,7 +79,13 @@ def quantized_copy(fp32: Path, out: Path, cfg: QuantizeConfig) -> tuple[Path, Qu
 
 @pytest.fixture(scope="module")
 def int8_export(fp32_export: Path, text: Path) -> tuple[Path, QuantReport]:
-    return quantized_copy(fp32_export, fp32_export.parent / "int8", quant_config(text, mode="int8"))
+    """The fp32 export quantized as it is (no new trace)."""
+    q = quant_config(text, mode="int8")
+    result = export_onnx(
+        OnnxExportConfig(model=str(fp32_export), out=fp32_export.parent / "int8", quantize=q)
+    )
+    assert result.report.quantization is not None
+    return result.out, result.report.quantization
 
 
 def test_int8_graph_keeps_io_and_validates(
@@ -96,6 +102,19 @@ def test_int8_graph_keeps_io_and_validates(
     assert v is not None and v.passed and v.windows == 4 and v.seqlen == 64
     assert v.perplexity_increase == pytest.approx(v.perplexity / v.fp32_perplexity - 1)
     assert 0.2 <= v.token_agreement <= 1.0
+    report = read_report(out)
+    assert report["quantized_from"] == str(fp32_export) and report["validation"]["passed"]
+    assert report["quantization"]["validation"]["perplexity"] == v.perplexity
+    assert report["onnx_bytes"] == q.onnx_bytes
+    meta = json.loads((out / "config.json").read_text())["lp_deploy"]["export"]
+    assert meta["quantization"] == {"mode": "int8", "exclude": []}
+    again = OnnxExportConfig(model=str(out), out=out.parent / "twice", quantize=q_int4())
+    with pytest.raises(LpDeployError, match="is not an fp32 export"):
+        export_onnx(again)
+
+
+def q_int4() -> QuantizeConfig:
+    return QuantizeConfig(mode="int4")
 
 
 def test_int8_export_runs_in_the_runtime(int8_export: tuple[Path, QuantReport]) -> None:
