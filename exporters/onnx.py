@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy import __version__
@@ -50,7 +50,7 @@ from lp_deploy.hf_config import save_config
 from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
 from lp_deploy.runtimes.base import DTYPES, Past, positions_from_mask
-from lp_deploy.runtimes.torch_runtime import TorchRuntime, cache_tensors
+from lp_deploy.runtimes.torch_runtime import TorchRuntime, cache_tensors, full_cache
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class KVCacheWrapper(nn.Module):
         position_ids: torch.Tensor,
         *flat_past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        cache = DynamicCache(config=self.model.config)
+        cache = full_cache(self.model)
         for i in range(self.num_layers):
             cache.update(flat_past[2 * i], flat_past[2 * i + 1], i)
         out = self.model(
@@ -205,16 +205,6 @@ def kv_layout(model: PreTrainedModel) -> tuple[int, int, int]:
         out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
     past = cache_tensors(out.past_key_values)
     return len(past), int(past[0][0].shape[1]), int(past[0][0].shape[3])
-
-
-def check_supported(model: PreTrainedModel) -> None:
-    """Refuse architectures whose cache the flat-past graph cannot express."""
-    cache = DynamicCache(config=model.config)
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        raise LpDeployError(
-            "sliding-window attention is not supported by the ONNX export (its cache is "
-            "cropped per layer); export a model without sliding_window"
-        )
 
 
 def sample_inputs(
@@ -577,7 +567,6 @@ def _load(cfg: OnnxExportConfig) -> LoadedModel:
         raise LpDeployError(f"optimize must be 0, 1 or 2, got {cfg.optimize!r}")
     check_out(cfg.out, Kind.ONNX, cfg.overwrite)
     loaded = load_model(cfg.model, torch.float32)
-    check_supported(loaded.model)
     return loaded
 
 

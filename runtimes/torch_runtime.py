@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy.loading import load_model
@@ -14,9 +15,24 @@ from lp_deploy.loading import load_model
 from .base import Past, Runtime, eos_ids, parse_dtype
 
 
-def kv_cache(model: PreTrainedModel, past: Past | None) -> DynamicCache:
-    """A ``DynamicCache`` holding ``past`` (empty for ``None``)."""
+def full_cache(model: PreTrainedModel) -> DynamicCache:
+    """An empty ``DynamicCache`` that keeps every past token on every layer.
+
+    Sliding-window layers get a full layer too: their window is applied by the attention
+    mask (built from ``config.sliding_window`` for them), so logits are the same as with a
+    cropped cache, and every layer's past has one layout, ``total_sequence_length`` long,
+    matching the attention mask -- the layout of the ONNX graph's flat past.
+    """
     cache = DynamicCache(config=model.config)
+    cache.layers = [
+        DynamicLayer() if getattr(layer, "is_sliding", False) else layer for layer in cache.layers
+    ]
+    return cache
+
+
+def kv_cache(model: PreTrainedModel, past: Past | None) -> DynamicCache:
+    """A :func:`full_cache` holding ``past`` (empty for ``None``)."""
+    cache = full_cache(model)
     for i, (key, value) in enumerate(past or []):
         cache.update(key, value, i)
     return cache

@@ -189,6 +189,7 @@ def make_tiny_model(
     seed: int = 0,
     sliding: bool = True,
     dtype: torch.dtype = torch.float32,
+    window: int = SLIDING_WINDOW,
 ) -> PreTrainedModel:
     """A seeded random model in eval mode.
 
@@ -214,11 +215,11 @@ def make_tiny_model(
         "initializer_range": 0.2,
     }
     if sliding and arch == "mistral":
-        kwargs["sliding_window"] = SLIDING_WINDOW
+        kwargs["sliding_window"] = window
     elif sliding and arch in ("qwen2", "qwen3"):
         kwargs.update(
             use_sliding_window=True,
-            sliding_window=SLIDING_WINDOW,
+            sliding_window=window,
             max_window_layers=num_layers // 2,
         )
     elif arch == "mistral":
@@ -226,7 +227,7 @@ def make_tiny_model(
     kwargs.update(ARCH_KWARGS.get(arch, {}))
     if arch in GEMMAS:
         kwargs.update(
-            sliding_window=SLIDING_WINDOW,
+            sliding_window=window,
             layer_types=gemma_layer_types(arch, num_layers, sliding),
         )
     config = cfg_cls(**kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,13 +297,6 @@ def test_refuses_to_replace_a_non_export_dir(linear_ckpt: Path, tmp_path: Path) 
     assert (keep / "data.txt").read_text() == "precious"
     with pytest.raises(OutputExistsError, match="is an lp-deploy checkpoint"):
         export_onnx(OnnxExportConfig(model=str(linear_ckpt), out=linear_ckpt))
-
-
-def test_sliding_window_is_refused(save_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
-    src = save_tiny_model("mistral", arch="mistral", num_layers=2)
-    with pytest.raises(LpDeployError, match="sliding-window"):
-        export_onnx(OnnxExportConfig(model=str(src), out=tmp_path / "o"))
-    assert not (tmp_path / "o").exists()
 
 
 def test_failed_validation_leaves_nothing(
