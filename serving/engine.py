@@ -1,10 +1,10 @@
 """In-flight batching: concurrent generation requests decoded together by one runtime.
 
-A request is prefilled alone (batch 1, exactly as :meth:`Runtime.stream` does) and then joins
-the running batch at the next decode step; a finished or cancelled one leaves it. Each
-sequence keeps its own KV cache; a decode step left-pads the caches to the longest one, masks
-the padding (``attention_mask``) and gives each row its own position, so a row computes what
-it would alone (up to floating-point summation order). Decode is memory-bound: one step for
+Waiting requests are prefilled together (left-padded; a lone one exactly as
+:meth:`Runtime.stream` does) and join the running batch at the next decode step; a finished
+or cancelled one leaves it. Each sequence keeps its own KV cache; a decode step left-pads the
+caches to the longest one, masks the padding (``attention_mask``) and gives each row its own
+position, so a row computes what it would alone (up to floating-point summation order). Decode is memory-bound: one step for
 8 sequences reads the weights once, not 8 times — that is where the throughput comes from.
 
 Sampling, the text of each token and the context check are lp-deploy's own
@@ -24,7 +24,13 @@ import torch
 
 from lp_deploy.errors import LpDeployError
 from lp_deploy.runtimes import Past, Runtime
-from lp_deploy.runtimes.base import SamplingConfig, TextDeltas, next_token
+from lp_deploy.runtimes.base import (
+    SamplingConfig,
+    TextDeltas,
+    next_token,
+    pad_batch,
+    positions_from_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +234,22 @@ class BatchEngine:
             self._active = []
 
     def _admit(self) -> None:
-        while len(self._active) < self.max_batch:
-            with self._cond:
-                if not self._waiting:
-                    return
-                seq, ids = self._waiting.popleft()
-            if self._cancelled(seq):
-                continue
-            n = len(ids)
-            logits, seq.past = self.runtime.forward(
-                torch.tensor([ids]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
-            )
-            seq.length = n
+        """Prefill the waiting requests that fit, together (left-padded) when several."""
+        new: list[tuple[_Sequence, list[int]]] = []
+        with self._cond:
+            while self._waiting and len(self._active) + len(new) < self.max_batch:
+                new.append(self._waiting.popleft())
+        new = [(seq, ids) for seq, ids in new if not self._cancelled(seq)]
+        if not new:
+            return
+        pad = self.runtime.tokenizer.pad_token_id
+        ids, mask, offsets = pad_batch([i for _, i in new], 0 if pad is None else int(pad), "left")
+        logits, present = self.runtime.forward(ids, mask, positions_from_mask(mask))
+        for row, (seq, prompt) in enumerate(new):
+            seq.past = _row(present, row, offsets[row])
+            seq.length = len(prompt)
             self._active.append(seq)
-            self._emit(seq, logits[0, -1])
+            self._emit(seq, logits[row, -1])
 
     def _decode(self) -> None:
         active = self._active
@@ -259,10 +267,7 @@ class BatchEngine:
             past,
         )
         for row, seq in enumerate(active):
-            start = width - seq.length
-            seq.past = [
-                (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in present
-            ]
+            seq.past = _row(present, row, width - seq.length)
             seq.length += 1
             self._emit(seq, logits[row, -1])
 
@@ -309,6 +314,11 @@ class BatchEngine:
 
     def _drop_finished(self) -> None:
         self._active = [s for s in self._active if not s.done and not self._cancelled(s)]
+
+
+def _row(present: Past, row: int, start: int) -> Past:
+    """Row ``row``'s cache from ``start`` on (its left padding dropped)."""
+    return [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in present]
 
 
 def _left_pad(pasts: Sequence[Past], lengths: Sequence[int], width: int) -> Past:
