@@ -1,11 +1,12 @@
 """In-flight batching: concurrent generation requests decoded together by one runtime.
 
 Waiting requests are prefilled together (left-padded; a lone one exactly as
-:meth:`Runtime.stream` does) and join the running batch at the next decode step; a finished
-or cancelled one leaves it. Each sequence keeps its own KV cache; a decode step left-pads the
+:meth:`Runtime.stream` does) and join the running batch at the next decode step; a finished or
+cancelled one leaves it. Each sequence keeps its own KV cache; a decode step left-pads the
 caches to the longest one, masks the padding (``attention_mask``) and gives each row its own
-position, so a row computes what it would alone (up to floating-point summation order). Decode is memory-bound: one step for
-8 sequences reads the weights once, not 8 times — that is where the throughput comes from.
+position, so a row computes what it would alone (up to floating-point summation order). Decode
+is memory-bound: one step for 8 sequences reads the weights once, not 8 times — that is where
+the throughput comes from.
 
 Sampling, the text of each token and the context check are lp-deploy's own
 (:func:`next_token`, :class:`TextDeltas`, :meth:`Runtime.check_length`).
