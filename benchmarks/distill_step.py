@@ -31,15 +31,17 @@ from lp_deploy.teacher import distill_windows, teacher_topk
 from lp_deploy.trainable import make_trainable
 
 
-def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float]:
-    times, loss = [], 0.0
+def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float, float]:
+    """Median wall and CPU seconds of forward + backward, and the loss."""
+    walls, cpus, loss = [], [], 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = fn()
         out.backward()
-        times.append(time.perf_counter() - start)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
         loss = float(out.detach())
-    return statistics.median(times), loss
+    return statistics.median(walls), statistics.median(cpus), loss
 
 
 def measure(checkpoint: str, data: str, seqlen: int, k: int, repeats: int) -> dict[str, Any]:
@@ -60,15 +62,17 @@ def measure(checkpoint: str, data: str, seqlen: int, k: int, repeats: int) -> di
     def full() -> torch.Tensor:
         return full_model_loss(student.model, ids, top, probs)
 
-    t_cached, l_cached = _timed(cached, repeats)
-    t_full, l_full = _timed(full, repeats)
+    t_cached, c_cached, l_cached = _timed(cached, repeats)
+    t_full, c_full, l_full = _timed(full, repeats)
     return {
         "seqlen": seqlen,
         "k": k,
         "threads": torch.get_num_threads(),
-        "step_s_prefix_cached": round(t_cached, 3),
-        "step_s_full_model": round(t_full, 3),
-        "speedup": round(t_full / t_cached, 2),
+        "step_wall_s_prefix_cached": round(t_cached, 3),
+        "step_wall_s_full_model": round(t_full, 3),
+        "step_cpu_s_prefix_cached": round(c_cached, 3),
+        "step_cpu_s_full_model": round(c_full, 3),
+        "speedup_cpu": round(c_full / c_cached, 2),
         "loss_prefix_cached": l_cached,
         "loss_full_model": l_full,
         "loss_abs_diff": abs(l_cached - l_full),
