@@ -21,7 +21,7 @@ from lp_deploy.artifacts import CONFIG_FILE, META_KEY, WEIGHTS_FILE, Kind, outpu
 from lp_deploy.errors import CheckpointError
 from lp_deploy.hf_config import save_config
 from lp_deploy.model import LoadedModel
-from lp_deploy.modules import LinearPatch, ScalePatch
+from lp_deploy.modules import HadamardInputLinear, LinearPatch, ScalePatch, replace_module
 from lp_deploy.prune import installed_patches, set_patch
 
 PATCH_PREFIX = "lp_deploy.patch."
@@ -105,11 +105,13 @@ def read_meta(path: Path) -> dict[str, Any]:
         )
     cfg = read_json(cfg_file, "checkpoint")
     meta = cfg.get(META_KEY)
-    if not isinstance(meta, dict) or "plan" not in meta:
+    if not isinstance(meta, dict) or not ("plan" in meta or "fold" in meta):
         raise CheckpointError(
             f"{cfg_file} has no '{META_KEY}' section: this is a plain model, not an lp-deploy "
-            "checkpoint; create one with 'lp-deploy patch'"
+            "checkpoint; create one with 'lp-deploy patch' (or 'lp-deploy fold')"
         )
+    if "plan" not in meta:  # a folded (rotated) dense model
+        return meta
     expected = meta["plan"]["num_layers"] - len(meta["plan"]["removed"])
     if cfg.get("num_hidden_layers") != expected:
         raise CheckpointError(
@@ -169,6 +171,16 @@ def _load_base(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
     return model
 
 
+def install_online_hadamard(model: torch.nn.Module, adapter: ModelAdapter) -> None:
+    """Every layer's ``down_proj`` reads ``x H`` (its weight must hold ``W H``)."""
+    for layer in adapter.layers:
+        lin = adapter.layer_adapter(layer).mlp_output
+        if not isinstance(lin, torch.nn.Linear):
+            raise CheckpointError(f"online Hadamard on a {type(lin).__name__}: not supported")
+        if not isinstance(lin, HadamardInputLinear):
+            replace_module(model, lin, HadamardInputLinear(lin))
+
+
 def load_patched(path: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
     """Rebuild a patched model saved by :func:`save_patched` (or the fold stage)."""
     path = Path(path)
@@ -183,6 +195,8 @@ def load_patched(path: str | Path, dtype: torch.dtype | None = None) -> LoadedMo
                 f"patch position {pos} is beyond the {len(adapter.layers)} layers"
             )
         set_patch(adapter, pos, patch.to(dtype=next(model.parameters()).dtype))
+    if (meta.get("fold") or {}).get("online_hadamard"):
+        install_online_hadamard(model, adapter)
     model.eval()
     # Without its files AutoTokenizer may silently build an empty tokenizer from model_type.
     if not (path / "tokenizer_config.json").is_file():

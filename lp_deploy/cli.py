@@ -118,7 +118,12 @@ def _add_fold(sub: Any) -> None:
     from lp_deploy.fold import VERIFY_SAMPLES, VERIFY_SEQLEN
 
     p = sub.add_parser("fold", help="fold the patch into the weights (rotate the residual stream)")
-    p.add_argument("patched", type=Path, help="checkpoint written by 'lp-deploy patch'")
+    p.add_argument(
+        "patched",
+        type=Path,
+        help="checkpoint written by 'lp-deploy patch', or a dense model (alias, model dir, "
+        ".gguf): its residual stream is rotated",
+    )
     _add_out(p, "output checkpoint directory")
     p.add_argument(
         "--no-rotate",
@@ -139,15 +144,26 @@ def _add_fold(sub: Any) -> None:
         default=1e-4,
         help="max |logit diff| / max |logit| allowed against the unfolded model",
     )
+    p.add_argument(
+        "--online-hadamard",
+        action="store_true",
+        help="also rotate every down_proj input: x H at run time (an explicit op in the graph), "
+        "H folded into the weight; spreads activation outliers before quantization",
+    )
     p.set_defaults(handler=_run_fold)
 
 
 def _verify_spec(args: argparse.Namespace) -> CalibrationSpec:
     """The checkpoint's verification windows with the command line's overrides."""
     from lp_deploy.checkpoint import read_meta
+    from lp_deploy.errors import CheckpointError
     from lp_deploy.fold import default_verify_spec
 
-    spec = default_verify_spec(read_meta(args.patched))
+    try:
+        meta = read_meta(args.patched)
+    except CheckpointError:  # a dense model: the default calibration text
+        meta = {}
+    spec = default_verify_spec(meta)
     overrides = {"data": args.calib, "text_field": args.text_field}
     return dataclasses.replace(
         spec,
@@ -168,10 +184,13 @@ def _run_fold(args: argparse.Namespace) -> int:
         verify=_verify_spec(args),
         tolerance=args.tolerance,
         progress=not args.quiet,
+        online_hadamard=args.online_hadamard,
     )
     report = run_fold(cfg).report
     print(f"\nfold: {report.mode}" + (f" ({report.reason})" if report.reason else ""))
     print(f"patch operations left: {report.patch_ops}")
+    if report.online_hadamard:
+        print("online Hadamard: every down_proj reads x H (H folded into its weight)")
     delta = report.params_after - report.params_before
     print(
         f"parameters: {report.params_before:,} -> {report.params_after:,} ({delta:+,}"

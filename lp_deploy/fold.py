@@ -24,11 +24,12 @@ from torch import nn
 from lp_deploy.adapters import LayerAdapter, ModelAdapter, Projection, get_adapter
 from lp_deploy.artifacts import Kind, check_out
 from lp_deploy.calibration import CalibrationSpec
-from lp_deploy.checkpoint import load_patched, save_patched
+from lp_deploy.checkpoint import install_online_hadamard, save_patched
 from lp_deploy.errors import VerificationError
 from lp_deploy.hadamard import hadamard_matrix, is_supported
+from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
-from lp_deploy.modules import LinearPatch, ScalePatch, unwrap
+from lp_deploy.modules import HadamardInputLinear, LinearPatch, ScalePatch, unwrap
 from lp_deploy.prune import installed_patches, set_patch
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class FoldConfig:
     verify: CalibrationSpec | None = None
     tolerance: float = 1e-4  # max |logit diff| / max |logit|
     progress: bool = True
+    online_hadamard: bool = False  # x H at every down_proj input, H folded into its weight
 
 
 @dataclass
@@ -70,6 +72,7 @@ class FoldReport:
     patch_ops: dict[str, int]
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0
+    online_hadamard: bool = False
 
 
 def count_params(model: nn.Module) -> int:
@@ -218,24 +221,59 @@ def _patch_kinds(adapter: ModelAdapter) -> set[str]:
     return {type(p).__name__ for p in installed_patches(adapter).values()}
 
 
-def fold_model(model: Any, rotate: bool = True) -> FoldReport:
-    """Fold in place where exact; otherwise leave the model as it is and say why."""
+def _rotation_reason(adapter: ModelAdapter, rotate: bool) -> str | None:
+    """None when the residual stream is to be rotated, else why not."""
+    kinds = _patch_kinds(adapter)
+    if not rotate:
+        if not kinds:
+            return "rotation disabled (--no-rotate)"
+        return "rotation disabled (--no-rotate): the patch stays one explicit MatMul"
+    if kinds and "LinearPatch" not in kinds:
+        return "no d x d patch to fold: diag patches are per-channel multiplies already"
+    blockers = fold_blockers(adapter)
+    return ("cannot fold exactly: " + "; ".join(blockers)) if blockers else None
+
+
+def online_hadamard_blocker(adapter: ModelAdapter) -> str | None:
+    """Why the down_proj inputs cannot get an online Hadamard transform (None: they can)."""
+    outputs = [adapter.layer_adapter(layer).mlp_output for layer in adapter.layers]
+    linears = [p for p in outputs if isinstance(p, nn.Linear)]
+    if len(linears) != len(outputs):
+        return "the MLP output is not one nn.Linear (fused experts)"
+    bad = sorted({p.in_features for p in linears if not is_supported(p.in_features)})
+    return f"no Hadamard matrix of size {bad[0]} (down_proj input)" if bad else None
+
+
+@torch.no_grad()
+def add_online_hadamard(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Every layer's ``down_proj`` reads ``x H`` and its weight becomes ``W H`` (exact:
+    ``x H H^T W^T = x W^T``); ``H`` spreads the activation outliers of its input."""
+    for layer in adapter.layers:
+        lin = adapter.layer_adapter(layer).mlp_output
+        assert isinstance(lin, nn.Linear)  # online_hadamard_blocker checked it
+        if isinstance(lin, HadamardInputLinear):
+            raise VerificationError("the model has an online Hadamard transform already")
+        h = hadamard_matrix(lin.in_features, dtype=torch.float64)
+        _set(lin.weight, lin.weight.data.double() @ h.to(lin.weight.device))
+    install_online_hadamard(model, adapter)
+
+
+def fold_model(model: Any, rotate: bool = True, online_hadamard: bool = False) -> FoldReport:
+    """Fold in place where exact; otherwise leave the model as it is and say why. A model
+    without patches (dense) is rotated too. ``online_hadamard``: see
+    :func:`add_online_hadamard`."""
     adapter = get_adapter(model)
     before = count_params(model)
-    kinds = _patch_kinds(adapter)
-    reason: str | None = None
-    if not rotate:
-        reason = "rotation disabled (--no-rotate): the patch stays one explicit MatMul"
-    elif "LinearPatch" not in kinds:
-        reason = "no d x d patch to fold: diag patches are per-channel multiplies already"
-    else:
-        blockers = fold_blockers(adapter)
-        reason = ("cannot fold exactly: " + "; ".join(blockers)) if blockers else None
+    reason = _rotation_reason(adapter, rotate)
+    if online_hadamard and (blocker := online_hadamard_blocker(adapter)):
+        raise VerificationError(f"--online-hadamard: {blocker}; nothing was written")
     untied = False
     if reason is None:
         untied = rotate_model(model, adapter)
     else:
         log.warning("fold: %s", reason)
+    if online_hadamard:
+        add_online_hadamard(model, adapter)
     return FoldReport(
         mode="unrotated" if reason else "rotated",
         reason=reason,
@@ -243,6 +281,7 @@ def fold_model(model: Any, rotate: bool = True) -> FoldReport:
         params_before=before,
         params_after=count_params(model),
         patch_ops=count_patch_ops(adapter),
+        online_hadamard=online_hadamard,
     )
 
 
@@ -292,9 +331,9 @@ def run_fold(cfg: FoldConfig) -> FoldResult:
     """Load a patched checkpoint, fold it, verify against the unfolded model, save."""
     if cfg.out is not None:
         check_out(cfg.out, Kind.CHECKPOINT, cfg.overwrite)
-    source = load_patched(cfg.patched)
+    source = load_model(cfg.patched)
     folded_model = copy.deepcopy(source.model)
-    report = fold_model(folded_model, rotate=cfg.rotate)
+    report = fold_model(folded_model, rotate=cfg.rotate, online_hadamard=cfg.online_hadamard)
     spec = cfg.verify or default_verify_spec(source.meta)
     windows = spec.windows(source.tokenizer)
     report.max_abs_diff, report.max_rel_diff = _verify(
