@@ -60,7 +60,8 @@ def export(smollm2: object, data_dir: Path, tmp_path_factory: pytest.TempPathFac
                 progress=False,
             )
         )
-    return export_onnx(OnnxExportConfig(model=str(patched), out=out)).out
+    # validated against PyTorch by the export tests; here only served vs local ONNX Runtime counts
+    return export_onnx(OnnxExportConfig(model=str(patched), out=out, validate=False)).out
 
 
 @pytest.fixture(scope="module")
