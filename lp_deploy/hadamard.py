@@ -285,6 +285,18 @@ def hadamard_matrix(
     return h.to(dtype=dtype, device=device)
 
 
+def hadamard_kron_factors(
+    d: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal (A, B), k x k and m x m, with ``hadamard_matrix(d) = kron(A, B)``: for rows
+    x reshaped to (k, m), ``x H = A^T X B`` -- two small dense MatMuls (faster than the
+    butterfly on CPUs and GPUs for the stream's sizes)."""
+    k, m = hadamard_factors(d)
+    a = _base_f64(k) / math.sqrt(k)
+    b = _sylvester(m).to(torch.float64) / math.sqrt(m)
+    return a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+
+
 def _fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised x @ H_M (Sylvester) on the last dim by the butterfly, O(M log M)."""
     *batch, m = x.shape

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lp_deploy.adapters import ModelAdapter
-from lp_deploy.hadamard import hadamard_transform, is_supported
+from lp_deploy.hadamard import hadamard_kron_factors, hadamard_transform, is_supported
 
 
 @dataclass
@@ -62,7 +62,8 @@ class ActivationStats:
 
 
 class _Recorder:
-    """Forward pre-hooks that keep the current batch's state at every boundary."""
+    """Forward pre-hooks that keep the current batch's state at every boundary (the
+    reference path: states copied out whole, reduced by :func:`_reduce` in float64)."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.states: list[torch.Tensor | None] = [None] * len(modules)
@@ -83,10 +84,79 @@ class _Recorder:
             handle.remove()
 
 
+class _Reducer:
+    """Forward pre-hooks that reduce each boundary's state as the forward pass reaches it,
+    on the state's device.
+
+    Per boundary: ``sum |h|`` and ``sum |h H|`` over the window's tokens (float32 partial
+    sums, added to float64 totals; float64 throughout for a float64 model) and the unit
+    states ``h / |h|``, kept for the window only; when the window ends,
+    ``cos_sum += U U^T`` (one GEMM over the window's tokens, added in float64). No state is
+    kept past its window or copied to the CPU.
+    """
+
+    def __init__(self, modules: list[nn.Module], d: int, rotate: bool, device: torch.device):
+        n = len(modules)
+        self.d, self.rotate = d, rotate
+        self.cos_sum = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(n, d, dtype=torch.float64, device=device)
+        self.abs_rot_sum = torch.zeros(n, d, dtype=torch.float64, device=device) if rotate else None
+        self.units: torch.Tensor | None = None  # (boundaries, tokens, d) of the current window
+        self.seen = [False] * n
+        self._factors: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        self.handles = [
+            m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, m in enumerate(modules)
+        ]
+
+    def _hook(self, index: int) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.add(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def add(self, index: int, state: torch.Tensor) -> None:
+        """Reduce boundary ``index`` of the current window."""
+        device = self.abs_sum.device
+        work = torch.float64 if state.dtype == torch.float64 else torch.float32
+        h = state.detach().reshape(-1, self.d).to(device=device, dtype=work)
+        if self.units is None:
+            self.units = torch.zeros(len(self.seen), h.shape[0], self.d, device=device, dtype=work)
+        self.units[index] = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        self.seen[index] = True
+        self.abs_sum[index] += h.abs().sum(dim=0).double()
+        if self.abs_rot_sum is not None:
+            self.abs_rot_sum[index] += self._rotate(h).abs().sum(dim=0).double()
+
+    def _rotate(self, h: torch.Tensor) -> torch.Tensor:
+        """``h H`` as ``A^T X B`` (two small MatMuls; see :func:`hadamard_kron_factors`)."""
+        key = (h.dtype, h.device)
+        if key not in self._factors:
+            self._factors[key] = hadamard_kron_factors(self.d, h.dtype, h.device)
+        a, b = self._factors[key]
+        return (torch.matmul(a.T, h.reshape(h.shape[0], a.shape[0], b.shape[0])) @ b).reshape(
+            h.shape
+        )
+
+    def end_window(self) -> None:
+        """Add the window's cosines (every pair of boundaries) and start a new window."""
+        if self.units is None or not all(self.seen):
+            missing = [i for i, seen in enumerate(self.seen) if not seen]
+            raise RuntimeError(f"the forward pass did not reach boundaries {missing}")
+        flat = self.units.reshape(len(self.seen), -1)
+        self.cos_sum += (flat @ flat.T).double()
+        self.units, self.seen = None, [False] * len(self.seen)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _reduce(
     states: torch.Tensor, rotate: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(cos_sum, abs_sum, abs_rot_sum) of states shaped (L+1, tokens, d), in float64."""
+    """(cos_sum, abs_sum, abs_rot_sum) of states shaped (L+1, tokens, d), in float64 (the
+    reference reduction; :func:`collect_stats` computes the same sums on the model's device)."""
     h = states.to(torch.float64)
     unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     cos_sum = torch.einsum("ind,jnd->ij", unit, unit)
@@ -102,27 +172,20 @@ def collect_stats(
     batch_size: int = 1,
     progress: bool = True,
 ) -> ActivationStats:
-    """One pass over ``windows`` (n, seqlen) accumulating :class:`ActivationStats`."""
-    layers = list(adapter.layers)
-    recorder = _Recorder([*layers, adapter.final_norm])
-    rotate = is_supported(adapter.hidden_size)
-    n_bound, d = len(layers) + 1, adapter.hidden_size
-    cos_sum = torch.zeros(n_bound, n_bound, dtype=torch.float64)
-    abs_sum = torch.zeros(n_bound, d, dtype=torch.float64)
-    abs_rot_sum = torch.zeros(n_bound, d, dtype=torch.float64) if rotate else None
+    """One pass over ``windows`` (n, seqlen) accumulating :class:`ActivationStats`, reduced
+    boundary by boundary on the model's device (see :class:`_Reducer`)."""
     device = adapter.embeddings.weight.device
+    rotate = is_supported(adapter.hidden_size)
+    reducer = _Reducer([*adapter.layers, adapter.final_norm], adapter.hidden_size, rotate, device)
     try:
         for start in tqdm(
             range(0, len(windows), batch_size), desc="calibration", disable=not progress
         ):
-            batch = windows[start : start + batch_size].to(device)
-            adapter.backbone(input_ids=batch, use_cache=False)
-            states = torch.stack([s.reshape(-1, d).cpu() for s in recorder.states if s is not None])
-            c, a, r = _reduce(states, rotate)
-            cos_sum += c
-            abs_sum += a
-            if abs_rot_sum is not None and r is not None:
-                abs_rot_sum += r
+            adapter.backbone(
+                input_ids=windows[start : start + batch_size].to(device), use_cache=False
+            )
+            reducer.end_window()
     finally:
-        recorder.close()
-    return ActivationStats(int(windows.numel()), cos_sum, abs_sum, abs_rot_sum)
+        reducer.close()
+    rot = None if reducer.abs_rot_sum is None else reducer.abs_rot_sum.cpu()
+    return ActivationStats(int(windows.numel()), reducer.cos_sum.cpu(), reducer.abs_sum.cpu(), rot)

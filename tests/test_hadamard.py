@@ -13,6 +13,7 @@ from lp_deploy.hadamard import (
     UnsupportedHadamardSize,
     base_matrix,
     hadamard_factors,
+    hadamard_kron_factors,
     hadamard_matrix,
     hadamard_transform,
     is_supported,
@@ -222,3 +223,12 @@ def test_transform_half_precision(dtype: torch.dtype) -> None:
     y = hadamard_transform(x.to(dtype))
     assert y.dtype == dtype
     assert (y.double() - hadamard_transform(x)).abs().max().item() <= 0.1
+
+
+@pytest.mark.parametrize("d", [64, 576, 768, 896])
+def test_kron_factors_rebuild_the_matrix(d: int) -> None:
+    a, b = hadamard_kron_factors(d)
+    torch.testing.assert_close(torch.kron(a, b), hadamard_matrix(d), rtol=0, atol=1e-12)
+    x = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rotated = (torch.matmul(a.T, x.reshape(5, a.shape[0], b.shape[0])) @ b).reshape(5, d)
+    torch.testing.assert_close(rotated, hadamard_transform(x), rtol=0, atol=1e-12)

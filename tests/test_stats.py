@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from lp_deploy.adapters import get_adapter
 from lp_deploy.calibration import sample_windows
 from lp_deploy.hadamard import hadamard_matrix
-from lp_deploy.stats import ActivationStats, _Recorder, collect_stats
+from lp_deploy.stats import ActivationStats, _Recorder, _reduce, collect_stats
 
 LAYERS = 6
 D = 64
@@ -106,12 +106,41 @@ def test_batch_size_does_not_change_the_sums(
     three = collect_stats(adapter, windows, batch_size=3, progress=False)
     assert one.n_tokens == three.n_tokens
     assert one.abs_rot_sum is not None and three.abs_rot_sum is not None
+    # float32 models: float32 partial sums per window, so the batching shows at ~1e-7
+    rel = 1e-9 if dtype == torch.float64 else 1e-6
     for a, b in [
         (one.cos_sum, three.cos_sum),
         (one.abs_sum, three.abs_sum),
         (one.abs_rot_sum, three.abs_rot_sum),
     ]:
-        _assert_rel(a, b, 1e-9)
+        _assert_rel(a, b, rel)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_device_reduction_equals_the_float64_reference(
+    tiny_model: Callable[..., PreTrainedModel], calib_ids: torch.Tensor, arch: str
+) -> None:
+    """A float32 model reduced on its device (float32 partial sums per window, float64
+    totals) gives the statistics of the float64 reduction of the same states to 1e-5."""
+    model = tiny_model(arch, num_layers=LAYERS)
+    adapter = get_adapter(model)
+    windows = _windows(calib_ids, n=4, seqlen=128)
+    stats = collect_stats(adapter, windows, progress=False)
+    totals: list[torch.Tensor] = []
+    recorder = _Recorder([*adapter.layers, adapter.final_norm])
+    try:
+        for row in windows:
+            with torch.no_grad():
+                adapter.backbone(input_ids=row[None], use_cache=False)
+            states = torch.stack([st.reshape(-1, D) for st in recorder.states if st is not None])
+            sums = _reduce(states, rotate=True)
+            totals = [t + x for t, x in zip(totals, sums, strict=True)] if totals else list(sums)  # type: ignore[misc]
+    finally:
+        recorder.close()
+    assert stats.abs_rot_sum is not None
+    for got, want in zip((stats.cos_sum, stats.abs_sum, stats.abs_rot_sum), totals, strict=True):
+        _assert_rel(got, want, 1e-5)
+        assert got.dtype == torch.float64
 
 
 def test_hooks_are_removed(
