@@ -69,6 +69,8 @@ class QuantizeConfig:
     text: str | None = None  # None: wikitext-2 test (a built-in paragraph when absent)
     windows: int = 8
     seqlen: int = 512
+    auto_exclude: int = 0  # keep the N most sensitive groups in fp32 (a sensitivity scan)
+    scan_windows: int = 2  # windows per group of the scan
 
     def check(self) -> None:
         """Clear errors for options the quantizers do not support."""
@@ -92,6 +94,8 @@ class QuantizeConfig:
                 f"validation limits must be a perplexity increase >= 0 and an agreement in "
                 f"[0, 1]; got {ppl} and {agree}"
             )
+        if self.auto_exclude < 0 or self.scan_windows < 1:
+            raise LpDeployError("auto_exclude must be >= 0 and scan_windows >= 1")
         if self.windows < 1 or self.seqlen < 2:
             raise LpDeployError("quantization validation needs >= 1 window of >= 2 tokens")
 
@@ -135,6 +139,8 @@ class QuantReport:
     onnx_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     validation: QuantValidation | None = None
+    #: group -> relative perplexity increase when only that group is quantized (the scan)
+    sensitivity: dict[str, float] | None = None
 
 
 # --------------------------------------------------------------------------- the graph
@@ -345,6 +351,57 @@ def _raise_failed(v: QuantValidation, cfg: QuantizeConfig) -> None:
     )
 
 
+# --------------------------------------------------------------------------- sensitivity
+
+
+def weight_group(module: str) -> str:
+    """The scan's unit: one decoder layer's projections (``model.layers.3``) or a module
+    outside the layers (``lm_head``)."""
+    parts = module.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts):
+            return ".".join(parts[: i + 2])
+    return module
+
+
+def sensitivity_scan(
+    src: Path, cfg: QuantizeConfig, tokenizer: PreTrainedTokenizerBase, skip: set[str]
+) -> dict[str, float]:
+    """Relative perplexity increase when only one group is quantized, for every group
+    (``cfg.scan_windows`` windows of the validation text); ``skip``: nodes kept in fp32."""
+    from lp_deploy.exporters.onnx import validation_ids
+
+    weights = matmul_weights(_load(src))
+    groups = sorted({weight_group(m) for n, m in weights.items() if n not in skip})
+    ids, _ = validation_ids(tokenizer, cfg.text, cfg.scan_windows * cfg.seqlen)
+    windows = ids.reshape(cfg.scan_windows, cfg.seqlen)
+    reference = ort_logits_fn(src)
+    base = math.exp(
+        sum(window_nll(reference(w[None]), w[None])[0] for w in windows)
+        / (windows.numel() - len(windows))
+    )
+    work = src.parent / ".scan"
+    work.mkdir(exist_ok=True)
+    result: dict[str, float] = {}
+    try:
+        for group in groups:
+            others = [n for n, m in weights.items() if weight_group(m) != group or n in skip]
+            quantize_file(src, work / ONNX_FILE, cfg, sorted(others))
+            fn = ort_logits_fn(work / ONNX_FILE)
+            nll = sum(window_nll(fn(w[None]), w[None])[0] for w in windows)
+            result[group] = math.exp(nll / (windows.numel() - len(windows))) / base - 1
+            log.info("sensitivity %s: %+.2f%%", group, 100 * result[group])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dict(sorted(result.items(), key=lambda kv: -kv[1]))
+
+
+def most_sensitive(sensitivity: dict[str, float], n: int) -> list[str]:
+    """The ``n`` groups whose quantization costs the most perplexity."""
+    return sorted(sensitivity, key=lambda g: -sensitivity[g])[:n]
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -382,9 +439,17 @@ def _quantize_and_check(
     src, dst = ref_dir / ONNX_FILE, tmp / ONNX_FILE
     weights = matmul_weights(_load(src))
     excluded = excluded_nodes(weights, cfg.exclude)
+    seconds: dict[str, float] = {}
+    sensitivity = None
+    if cfg.auto_exclude:
+        t0 = time.perf_counter()
+        sensitivity = sensitivity_scan(src, cfg, tokenizer, set(excluded))
+        chosen = set(most_sensitive(sensitivity, cfg.auto_exclude))
+        excluded.update({n: m for n, m in weights.items() if weight_group(m) in chosen})
+        seconds["sensitivity_scan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tool = quantize_file(src, dst, cfg, sorted(excluded))
-    seconds = {"quantize": time.perf_counter() - t0}
+    seconds["quantize"] = time.perf_counter() - t0
     report = QuantReport(
         mode=cfg.mode,
         tool=tool,
@@ -395,6 +460,7 @@ def _quantize_and_check(
         excluded=sorted(set(excluded.values())),
         fp32_bytes=_bytes(ref_dir),
         onnx_bytes=_bytes(tmp),
+        sensitivity=sensitivity,
     )
     if validate:
         t0 = time.perf_counter()

@@ -345,6 +345,14 @@ def _add_quantize(o: Any) -> None:
         default=None,
         help="validation limit: greedy-token agreement with fp32 (default 0.80)",
     )
+    o.add_argument(
+        "--auto-exclude",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the N most sensitive groups (one layer's projections, lm_head) in fp32, "
+        "chosen by a scan: the perplexity increase when only that group is quantized",
+    )
     o.add_argument("--quant-windows", type=int, default=8, help="validation windows")
     o.add_argument("--quant-seqlen", type=int, default=512, help="tokens per validation window")
 
@@ -364,6 +372,7 @@ def _quantize_config(args: argparse.Namespace) -> Any:
         text=args.text,
         windows=args.quant_windows,
         seqlen=args.quant_seqlen,
+        auto_exclude=args.auto_exclude,
     )
 
 
@@ -371,6 +380,9 @@ def _print_quantization(q: dict[str, Any]) -> None:
     what = q["mode"]
     if q["block_size"]:
         what += f" (block {q['block_size']}, accuracy level {q['accuracy_level']})"
+    if q.get("sensitivity"):
+        scan = ", ".join(f"{g} {100 * v:+.1f}%" for g, v in list(q["sensitivity"].items())[:5])
+        print(f"sensitivity (perplexity increase, one group quantized): {scan} ...")
     excluded = ", ".join(q["excluded"]) or "none"
     print(f"quantized {q['quantized']} MatMuls to {what}; kept in fp32: {excluded}")
     v = q["validation"]

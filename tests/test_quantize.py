@@ -137,6 +137,20 @@ def test_int4_with_exclusions(fp32_export: Path, text: Path, tmp_path: Path) -> 
     assert list(quantize.matmul_weights(model).values()) == ["lm_head"]  # still fp32
 
 
+def test_auto_exclude_keeps_the_most_sensitive_group(
+    fp32_export: Path, text: Path, tmp_path: Path
+) -> None:
+    cfg = quant_config(text, mode="int4", block_size=32, auto_exclude=1, scan_windows=1)
+    out, q = quantized_copy(fp32_export, tmp_path / "auto", cfg)
+    assert q.sensitivity is not None
+    assert set(q.sensitivity) == {"model.layers.0", "model.layers.1", "lm_head"}
+    worst = max(q.sensitivity, key=lambda g: q.sensitivity[g])  # type: ignore[index]
+    assert q.excluded and all(quantize.weight_group(m) == worst for m in q.excluded)
+    kept = set(quantize.matmul_weights(onnx.load(str(out / "model.onnx"))).values())
+    assert kept == set(q.excluded)
+    assert q.quantized == 15 - len(q.excluded)
+
+
 def test_failed_validation_leaves_nothing(
     dense_dir: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
