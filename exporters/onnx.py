@@ -696,7 +696,7 @@ def _report_from(
         quantization=quant,
         onnx_bytes=quant.onnx_bytes,
         quantized_from=str(src),
-        seconds={"quantize": round(seconds, 2)},
+        seconds={"quantize": round(seconds, 2), "total": round(seconds, 2)},
     )
     return ExportReport(**fields)
 

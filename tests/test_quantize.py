@@ -255,3 +255,15 @@ def test_optimum_loads_the_int8_export_and_generates(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"tokens": expected, "match": True}
+
+
+def test_cli_quantizes_an_existing_export(
+    fp32_export: Path, text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "q"
+    argv = ["-q", "export", "onnx", str(fp32_export), "--out", str(out), "--quantize", "int8"]
+    argv += ["--text", str(text), "--quant-windows", "2", "--quant-seqlen", "32"]
+    assert main([*argv, "--max-ppl-increase", "0.5", "--min-agreement", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized 15 MatMuls to int8; kept in fp32: none" in printed
+    assert read_report(out)["quantized_from"] == str(fp32_export)
