@@ -215,11 +215,24 @@ def test_folded_checkpoint_exports_per_channel_mul(tiny_checkpoint: Path, tmp_pa
 
 
 def test_optimize_applies_fusions_and_validates(linear_ckpt: Path, tmp_path: Path) -> None:
-    out = export_onnx(
-        OnnxExportConfig(model=str(linear_ckpt), out=tmp_path / "opt", optimize=2, decode_steps=4)
-    ).out
+    """--optimize 2 on an export with external data (the path of graphs above 2 GB): one data
+    file beside the graph, every external initializer in it, validated."""
+    cfg = OnnxExportConfig(
+        model=str(linear_ckpt), out=tmp_path / "opt", optimize=2, decode_steps=4, external_data=True
+    )
+    out = export_onnx(cfg).out
+    assert sorted(p.name for p in out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    locations = {
+        entry.value
+        for init in graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    assert locations == {"model.onnx.data"}
     report = read_report(out)
-    assert report["optimize"] == 2
+    assert report["optimize"] == 2 and report["external_data"]
     assert report["fusions"].get("skip_rms_normalization", 0) > 0
     assert report["validation"]["passed"]
     model, inits = load_graph(out)
