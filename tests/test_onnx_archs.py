@@ -75,7 +75,14 @@ def check_against_transformers(ort: Any, model: Any) -> None:
     )
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+#: families whose round trip runs under ``make test-all`` only (each export costs a fixed
+#: ~15-40 s of dynamo tracing; CI time is bounded); all passed when they were added
+HEAVY = ("phi3", "granite", "olmo2", "gemma2", "qwen3_moe")
+
+
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.heavy) if a in HEAVY else a for a in ARCHS]
+)
 def test_patch_export_validate_generate(
     arch: str, save_tiny_model: Callable[..., Path], text_file: Path, tmp_path: Path
 ) -> None:
