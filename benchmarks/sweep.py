@@ -192,11 +192,10 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
     if cfg.latency:
         baseline.update(gen_time_ratio=1.0, flop_ratio=1.0)
     baseline_seconds = round(time.perf_counter() - t0, 1)
-    points = [
-        _point(cal, plan, kind, measure)
-        for plan in (cal.plan(n, cfg.select) for n in cfg.prune)
-        for kind in cfg.patches
-    ]
+    plans = [cal.plan(n, cfg.select) for n in cfg.prune]
+    for kind in cfg.patches:  # least-squares sums of every point in one pass
+        cal.prepare(plans, kind.removesuffix(FOLD_SUFFIX))
+    points = [_point(cal, plan, kind, measure) for plan in plans for kind in cfg.patches]
     data = {
         "config": clean_json(asdict(cfg)),
         "num_layers": cal.num_layers,

@@ -72,7 +72,14 @@ def _add_patch(sub: Any) -> None:
         default="cosine",
         help=f"{methods}; or a layer list '3,4,7' / '10-14' (inclusive) / '10:15'",
     )
-    p.add_argument("--patch", default="rotate", choices=list(PATCH_KINDS))
+    kinds = "; ".join(f"{k.name}: {k.description}" for k in PATCH_KINDS.values())
+    p.add_argument("--patch", default="rotate", choices=list(PATCH_KINDS), help=kinds)
+    p.add_argument(
+        "--ridge",
+        type=float,
+        default=0.0,
+        help="least-squares kinds: ridge term, relative to the mean input energy (0: none)",
+    )
     _add_calibration(p)
     p.add_argument("--batch-size", type=int, default=1)
     _add_out(p, "output checkpoint directory")
@@ -96,6 +103,7 @@ def _run_patch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         trust_remote_code=args.trust_remote_code,
         progress=not args.quiet,
+        ridge=args.ridge,
     )
     result = run_patch(cfg)
     _print_patch_summary(result.summary, args.out)

@@ -1,9 +1,14 @@
-"""Fit LinearPatch matrices from activation statistics (float64, cast once)."""
+"""Fit patches from activation statistics (float64, cast once).
+
+``rotate`` and ``diag`` need only the per-boundary :class:`ActivationStats`; the least-squares
+kinds (``lstsq``, ``lstsq-mlp``) solve streamed normal equations (:class:`GramStats`), which
+are collected per gap on demand.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,7 +16,7 @@ from lp_deploy.errors import LpDeployError
 from lp_deploy.hadamard import hadamard_matrix
 from lp_deploy.modules import LinearPatch, ScalePatch
 from lp_deploy.selection import Gap, PruningPlan
-from lp_deploy.stats import ActivationStats
+from lp_deploy.stats import ActivationStats, GramStats
 
 _EPS = 1e-12
 Patch = LinearPatch | ScalePatch
@@ -37,12 +42,47 @@ def rotate_matrix(scales: torch.Tensor) -> torch.Tensor:
     return (h * scales.to(torch.float64)) @ h.T
 
 
-def _fit_rotate(stats: ActivationStats, gap: Gap, dtype: torch.dtype) -> Patch:
-    return LinearPatch(rotate_matrix(rotate_scales(stats, gap)).to(dtype))
+def lstsq_matrix(gram: GramStats, ridge: float = 0.0) -> torch.Tensor:
+    """``argmin_P ||X P - Y||^2 + lam ||P||^2`` from the normal equations, in float64.
+
+    ``lam = ridge * trace(X^T X) / d`` (``ridge`` is relative to the mean input energy).
+    """
+    d = gram.xtx.shape[0]
+    lhs = gram.xtx.clone()
+    if ridge > 0:
+        lhs += torch.eye(d, dtype=lhs.dtype) * (ridge * float(lhs.diagonal().sum()) / d)
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        return torch.cholesky_solve(gram.xty, chol)
+    # singular (e.g. fewer tokens than channels): the minimum-norm solution
+    return torch.linalg.lstsq(lhs, gram.xty, driver="gelsd").solution
 
 
-def _fit_diag(stats: ActivationStats, gap: Gap, dtype: torch.dtype) -> Patch:
-    return ScalePatch(diag_scales(stats, gap).to(dtype))
+@dataclass
+class FitInputs:
+    """What fitting may use: the per-boundary statistics, the least-squares sums of each
+    gap (only for kinds with a ``gram_site``), and the ridge of the least-squares kinds."""
+
+    stats: ActivationStats
+    gram: dict[Gap, GramStats] = field(default_factory=dict)
+    ridge: float = 0.0
+
+    def gram_of(self, gap: Gap) -> GramStats:
+        if gap not in self.gram:
+            raise LpDeployError(f"no least-squares statistics were collected for gap {gap}")
+        return self.gram[gap]
+
+
+def _fit_rotate(inputs: FitInputs, gap: Gap, dtype: torch.dtype) -> Patch:
+    return LinearPatch(rotate_matrix(rotate_scales(inputs.stats, gap)).to(dtype))
+
+
+def _fit_diag(inputs: FitInputs, gap: Gap, dtype: torch.dtype) -> Patch:
+    return ScalePatch(diag_scales(inputs.stats, gap).to(dtype))
+
+
+def _fit_lstsq(inputs: FitInputs, gap: Gap, dtype: torch.dtype) -> Patch:
+    return LinearPatch(lstsq_matrix(inputs.gram_of(gap), inputs.ridge).to(dtype))
 
 
 @dataclass(frozen=True)
@@ -51,8 +91,14 @@ class PatchKind:
 
     name: str
     description: str
-    fit: Callable[[ActivationStats, Gap, torch.dtype], Patch] | None  # None: no patch
+    fit: Callable[[FitInputs, Gap, torch.dtype], Patch] | None  # None: no patch
     needs_hadamard: bool = False  # the hidden size must have a Hadamard matrix
+    #: least-squares kinds: where X is read (``lp_deploy.stats.GRAM_SITES``); None: no sums
+    gram_site: str | None = None
+    #: the fitted map is folded into the down_proj of the last layer before the gap at fit
+    #: time (no patch module); a gap at layer 0 falls back to ``fallback``
+    folds_into_mlp: bool = False
+    fallback: str | None = None
 
 
 #: every patch kind, by name (the CLI, the sweep and the bench take their choices from here)
@@ -66,6 +112,21 @@ PATCH_KINDS: dict[str, PatchKind] = {
             needs_hadamard=True,
         ),
         PatchKind("diag", "per-channel scale s = mean|x_out| / mean|x_in|", _fit_diag),
+        PatchKind(
+            "lstsq",
+            "full d x d P = argmin ||X_in P - X_out||^2 (closed form; one MatMul)",
+            _fit_lstsq,
+            gram_site="input",
+        ),
+        PatchKind(
+            "lstsq-mlp",
+            "ReplaceMe: least-squares map on the MLP output of the layer before the gap, "
+            "folded into its down_proj (plain transformers checkpoint; gap at 0 -> lstsq)",
+            _fit_lstsq,
+            gram_site="mlp",
+            folds_into_mlp=True,
+            fallback="lstsq",
+        ),
         PatchKind("none", "no patch: the layers are just deleted", None),
     )
 }
@@ -78,16 +139,42 @@ def patch_kind(name: str) -> PatchKind:
     return PATCH_KINDS[name]
 
 
+def effective_kind(kind: str, gap: Gap) -> str:
+    """The kind actually fitted at ``gap``: ``lstsq-mlp`` has no layer before a gap at 0."""
+    k = patch_kind(kind)
+    if k.folds_into_mlp and gap.start == 0 and k.fallback is not None:
+        return k.fallback
+    return kind
+
+
+def gram_requests(plan: PruningPlan, kind: str) -> list[tuple[str, int, int]]:
+    """The least-squares sums (site, start, end) that fitting ``kind`` on ``plan`` needs."""
+    out = []
+    for gap in plan.gaps:
+        site = patch_kind(effective_kind(kind, gap)).gram_site
+        if site is not None:
+            out.append((site, gap.start, gap.end))
+    return out
+
+
+def _as_inputs(source: ActivationStats | FitInputs) -> FitInputs:
+    return source if isinstance(source, FitInputs) else FitInputs(source)
+
+
 def fit_patch(
-    stats: ActivationStats, gap: Gap, kind: str, dtype: torch.dtype = torch.float32
+    source: ActivationStats | FitInputs, gap: Gap, kind: str, dtype: torch.dtype = torch.float32
 ) -> Patch | None:
-    """The patch of one gap: a d x d ``LinearPatch`` (rotate), a ``ScalePatch`` (diag) or None."""
+    """The patch of one gap: a d x d ``LinearPatch`` (rotate, lstsq), a ``ScalePatch`` (diag)
+    or None; for ``lstsq-mlp`` the ``LinearPatch`` holds the map to fold into down_proj."""
     fit = patch_kind(kind).fit
-    return None if fit is None else fit(stats, gap, dtype)
+    return None if fit is None else fit(_as_inputs(source), gap, dtype)
 
 
 def fit_patches(
-    stats: ActivationStats, plan: PruningPlan, kind: str, dtype: torch.dtype = torch.float32
+    source: ActivationStats | FitInputs,
+    plan: PruningPlan,
+    kind: str,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[Gap, Patch | None]:
     """One patch per gap of ``plan``."""
-    return {gap: fit_patch(stats, gap, kind, dtype) for gap in plan.gaps}
+    return {gap: fit_patch(source, gap, effective_kind(kind, gap), dtype) for gap in plan.gaps}

@@ -18,23 +18,24 @@ from typing import Any
 from lp_deploy.aliases import DEFAULT_MODEL
 from lp_deploy.artifacts import Kind, check_out, clean_json
 from lp_deploy.calibration import CalibrationSpec
-from lp_deploy.checkpoint import save_patched, without_patches
+from lp_deploy.checkpoint import save_patched
 from lp_deploy.errors import LpDeployError
-from lp_deploy.fit import fit_patches, patch_kind
+from lp_deploy.fit import FitInputs, effective_kind, fit_patches, gram_requests, patch_kind
 from lp_deploy.hadamard import hadamard_factors
 from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
 from lp_deploy.perplexity import PerplexitySpec, model_perplexity
-from lp_deploy.prune import apply_plan
+from lp_deploy.prune import apply_plan, fold_mlp_maps, set_patch
 from lp_deploy.selection import (
     SELECTION_METHODS,
+    Gap,
     PruningPlan,
     check_prune_count,
     make_plan,
     parse_layers,
     select,
 )
-from lp_deploy.stats import ActivationStats, collect_stats
+from lp_deploy.stats import ActivationStats, GramStats, collect_gram, collect_stats
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
@@ -55,6 +56,7 @@ class PatchConfig:
     batch_size: int = 1
     trust_remote_code: bool = False
     progress: bool = True
+    ridge: float = 0.0  # least-squares kinds: relative ridge term
 
 
 @dataclass
@@ -87,11 +89,20 @@ def validate_config(cfg: PatchConfig) -> None:
 @dataclass
 class Calibrated:
     """A dense model and (when needed) its calibration statistics: select blocks and fit
-    patches from them as many times as needed, without calibrating again."""
+    patches from them as many times as needed, without calibrating again.
+
+    Least-squares kinds need per-gap sums (:class:`GramStats`); :meth:`prepare` collects the
+    missing ones in one more pass over the calibration windows (cached in ``gram``).
+    """
 
     dense: LoadedModel
     spec: CalibrationSpec
     stats: ActivationStats | None  # None: not calibrated (manual selection, no patch)
+    ridge: float = 0.0
+    gram: dict[tuple[str, int, int], GramStats] = field(default_factory=dict)
+    batch_size: int = 1
+    progress: bool = True
+    dense_pruned: bool = False  # set once the dense model was pruned in place
 
     @property
     def num_layers(self) -> int:
@@ -110,27 +121,85 @@ class Calibrated:
         """The layers to delete: ``method`` is a selection method or a manual layer list."""
         return select(self.stats, self.num_layers, prune, method)
 
+    def prepare(self, plans: list[PruningPlan], kind: str) -> None:
+        """Collect (in one pass) the least-squares sums fitting ``kind`` on ``plans`` needs."""
+        missing = sorted({r for p in plans for r in gram_requests(p, kind)} - set(self.gram))
+        if not missing:
+            return
+        if self.dense_pruned:
+            raise LpDeployError("the dense model was pruned in place; prepare() it before")
+        windows = self.spec.windows(self.dense.tokenizer)
+        self.gram.update(
+            collect_gram(self.dense.adapter, windows, missing, self.batch_size, self.progress)
+        )
+
     def prune(self, plan: PruningPlan, kind: str, in_place: bool = False) -> LoadedModel:
         """The dense model with ``plan``'s layers deleted and ``kind`` patches fitted.
 
         A deep copy unless ``in_place`` (then the dense model itself is pruned).
         """
-        fit = patch_kind(kind).fit is not None
-        if fit and self.stats is None:
+        if patch_kind(kind).fit is not None and self.stats is None:
             raise LpDeployError(f"patch {kind!r} needs calibration statistics")
+        self.prepare([plan], kind)
         model = self.dense.model if in_place else copy.deepcopy(self.dense.model)
-        patches = fit_patches(self.stats, plan, kind) if fit and self.stats else {}
         pruned = LoadedModel(model, self.dense.tokenizer, source=dict(self.dense.source))
-        apply_plan(pruned.adapter, plan, patches)
-        pruned.meta = self._metadata(plan, kind)
+        apply_plan(pruned.adapter, plan)
+        self.dense_pruned = self.dense_pruned or in_place
+        self.install(pruned, plan, kind)
         return pruned
 
-    def _metadata(self, plan: PruningPlan, kind: str) -> dict[str, Any]:
+    def install(self, pruned: LoadedModel, plan: PruningPlan, kind: str) -> None:
+        """Fit ``kind`` on ``plan`` and put it into ``pruned`` (already pruned by ``plan``):
+        patch modules at the patch positions, or maps folded into down_proj weights."""
+        self.prepare([plan], kind)
+        record: dict[str, Any] = {"kind": kind}
+        if patch_kind(kind).gram_site is not None:
+            record["ridge_relative"] = self.ridge
+        if patch_kind(kind).fit is not None and self.stats is not None:
+            patches = fit_patches(self._fit_inputs(plan, kind), plan, kind)
+            record.update(self._install_patches(pruned, plan, kind, patches))
+        pruned.meta = self._metadata(plan, record)
+
+    def _fit_inputs(self, plan: PruningPlan, kind: str) -> FitInputs:
+        assert self.stats is not None
+        gram = {}
+        for gap in plan.gaps:
+            site = patch_kind(effective_kind(kind, gap)).gram_site
+            if site is not None:
+                gram[gap] = self.gram[(site, gap.start, gap.end)]
+        return FitInputs(self.stats, gram, self.ridge)
+
+    @staticmethod
+    def _install_patches(
+        pruned: LoadedModel, plan: PruningPlan, kind: str, patches: dict[Gap, Any]
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        maps = {}
+        for gap, patch in patches.items():
+            fitted = effective_kind(kind, gap)
+            if patch is not None and patch_kind(fitted).folds_into_mlp:
+                maps[gap] = patch.weight.data
+            elif patch is not None:
+                set_patch(pruned.adapter, plan.patch_position(gap), patch)
+            if fitted != kind:
+                warning = (
+                    f"gap [{gap.start}, {gap.end}) starts at layer 0: no layer before it to fold "
+                    f"a {kind} map into; fitted {fitted} there (a patch module)"
+                )
+                log.warning(warning)
+                record.setdefault("fallbacks", []).append(
+                    {"gap": [gap.start, gap.end], "kind": fitted, "reason": warning}
+                )
+        if maps:
+            record["folded_into_down_proj"] = fold_mlp_maps(pruned.adapter, plan, maps)
+        return record
+
+    def _metadata(self, plan: PruningPlan, record: dict[str, Any]) -> dict[str, Any]:
         tokens = self.stats.n_tokens if self.stats else 0
         return {
             "source": self.dense.source,
             "plan": plan.to_dict(),
-            "patch": {"kind": kind},
+            "patch": record,
             "calibration": {**self.spec.to_dict(), "tokens": tokens},
             "fold": None,
         }
@@ -145,7 +214,7 @@ def calibrate(
     """Streamed statistics of ``dense`` over ``spec``'s windows."""
     windows = spec.windows(dense.tokenizer)
     stats = collect_stats(dense.adapter, windows, batch_size, progress)
-    return Calibrated(dense, spec, stats)
+    return Calibrated(dense, spec, stats, batch_size=batch_size, progress=progress)
 
 
 def _perplexities(
@@ -159,12 +228,13 @@ def _perplexities(
 
     if windows is not None:
         measure(cal.dense.model, "dense")
-    pruned = cal.prune(plan, cfg.patch, in_place=True)
+    cal.prepare([plan], cfg.patch)  # least-squares sums need the dense model
+    pruned = cal.prune(plan, "none", in_place=True)
     if windows is not None:
-        with without_patches(pruned.adapter):
-            measure(pruned.model, "pruned")
-        if patch_kind(cfg.patch).fit is not None:
-            measure(pruned.model, cfg.patch)
+        measure(pruned.model, "pruned")
+    cal.install(pruned, plan, cfg.patch)
+    if windows is not None and patch_kind(cfg.patch).fit is not None:
+        measure(pruned.model, cfg.patch)
     return pruned, ppl
 
 
@@ -178,9 +248,11 @@ def run_patch(cfg: PatchConfig) -> PatchResult:
     windows = cfg.perplexity.windows(dense.tokenizer) if cfg.perplexity else None
     if needs_stats(cfg.select, cfg.patch):
         cal = calibrate(dense, cfg.calibration, cfg.batch_size, cfg.progress)
+    cal.ridge = cfg.ridge
     plan = cal.plan(cfg.prune, cfg.select)
     pruned, ppl = _perplexities(cfg, cal, plan, windows)
     summary = _summary(cfg, plan, ppl, windows, time.perf_counter() - started)
+    summary["patch"] = pruned.meta["patch"]
     if cfg.out is not None:
         save_patched(pruned, cfg.out, extra={SUMMARY: summary}, overwrite=cfg.overwrite)
     return PatchResult(pruned, plan, cal.stats, summary, cfg.out)

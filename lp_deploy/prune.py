@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from lp_deploy.adapters import ModelAdapter
@@ -51,3 +52,30 @@ def set_patch(adapter: ModelAdapter, position: int, patch: nn.Module | None) -> 
         adapter.set_layers(layers)
     else:
         adapter.set_final_norm(new)
+
+
+@torch.no_grad()
+def fold_into_mlp_output(linear: nn.Linear, matrix: torch.Tensor) -> None:
+    """Make ``linear`` (a down_proj, ``y = a W^T + b``) compute ``y @ matrix`` instead:
+    ``W <- matrix^T W``, ``b <- b matrix`` (float64 arithmetic, cast back)."""
+    m = matrix.to(torch.float64)
+    w = linear.weight
+    w.copy_((m.T @ w.to(torch.float64)).to(w.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_((linear.bias.to(torch.float64) @ m).to(linear.bias.dtype))
+
+
+def fold_mlp_maps(
+    adapter: ModelAdapter, plan: PruningPlan, maps: Mapping[Gap, torch.Tensor]
+) -> list[int]:
+    """On a model pruned by ``plan``: fold each gap's map into the down_proj of the last kept
+    layer before the gap. Returns those layers' new indices."""
+    layers = list(adapter.layers)
+    folded = []
+    for gap, matrix in maps.items():
+        if gap.start < 1:
+            raise ValueError(f"gap {gap} has no layer before it to fold a map into")
+        index = plan.patch_position(gap) - 1  # new index of original layer gap.start - 1
+        fold_into_mlp_output(adapter.layer_adapter(layers[index]).mlp_output, matrix)
+        folded.append(index)
+    return folded

@@ -189,3 +189,96 @@ def collect_stats(
         reducer.close()
     rot = None if reducer.abs_rot_sum is None else reducer.abs_rot_sum.cpu()
     return ActivationStats(int(windows.numel()), reducer.cos_sum.cpu(), reducer.abs_sum.cpu(), rot)
+
+
+# --------------------------------------------------------------------------- least squares
+
+#: where a least-squares map reads its input: the state entering the gap ("input"), or the
+#: MLP output of the last layer before the gap ("mlp", ReplaceMe's form)
+GRAM_SITES = ("input", "mlp")
+
+
+@dataclass
+class GramStats:
+    """Streamed normal equations of one least-squares map ``X -> Y`` (float64 sums)."""
+
+    n_tokens: int
+    xtx: torch.Tensor  # (d, d): sum of x^T x
+    xty: torch.Tensor  # (d, d): sum of x^T y
+
+    @classmethod
+    def zeros(cls, d: int) -> GramStats:
+        z = torch.zeros(d, d, dtype=torch.float64)
+        return cls(0, z, z.clone())
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x64, y64 = x.reshape(-1, x.shape[-1]).to(torch.float64), y.reshape(-1, y.shape[-1])
+        self.xtx += x64.T @ x64
+        self.xty += x64.T @ y64.to(torch.float64)
+        self.n_tokens += int(x64.shape[0])
+
+
+class _MlpRecorder:
+    """Forward hooks keeping the current batch's MLP output of chosen layers."""
+
+    def __init__(self, adapter: ModelAdapter, layers: list[int]) -> None:
+        self.outputs: dict[int, torch.Tensor] = {}
+        mods = list(adapter.layers)
+        self.handles = [
+            adapter.layer_adapter(mods[i]).mlp_output.register_forward_hook(self._hook(i))
+            for i in layers
+        ]
+
+    def _hook(self, index: int) -> Any:
+        def hook(_m: nn.Module, _args: Any, output: torch.Tensor) -> None:
+            self.outputs[index] = output.detach()
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _gram_pair(
+    site: str, start: int, end: int, states: list[Any], mlp: dict[int, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of one gap ``[start, end)``: boundary states, or ReplaceMe's MLP form."""
+    if site == "input":
+        return states[start], states[end]
+    x = mlp[start - 1]
+    bypass = states[start] - x  # the residual that does not go through that MLP
+    return x, states[end] - bypass
+
+
+@torch.no_grad()
+def collect_gram(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    gaps: list[tuple[str, int, int]],
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[tuple[str, int, int], GramStats]:
+    """One pass over ``windows`` accumulating :class:`GramStats` for each ``(site, start,
+    end)``; memory is ``2 d^2`` float64 per gap whatever the number of windows."""
+    bad = [g for g in gaps if g[0] not in GRAM_SITES or (g[0] == "mlp" and g[1] < 1)]
+    if bad:
+        raise ValueError(
+            f"bad least-squares requests {bad}: site in {GRAM_SITES}, mlp needs start>=1"
+        )
+    layers = list(adapter.layers)
+    recorder = _Recorder([*layers, adapter.final_norm])
+    mlp = _MlpRecorder(adapter, sorted({s - 1 for site, s, _ in gaps if site == "mlp"}))
+    sums = {g: GramStats.zeros(adapter.hidden_size) for g in gaps}
+    device = adapter.embeddings.weight.device
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="lstsq", disable=not progress):
+            adapter.backbone(
+                input_ids=windows[start : start + batch_size].to(device), use_cache=False
+            )
+            for key, acc in sums.items():
+                acc.add(*(t.cpu() for t in _gram_pair(*key, recorder.states, mlp.outputs)))
+    finally:
+        recorder.close()
+        mlp.close()
+    return sums

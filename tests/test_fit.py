@@ -141,8 +141,10 @@ def test_zero_input_channel_gives_finite_scales() -> None:
 def test_none_patch_and_unknown_kind(states: torch.Tensor) -> None:
     stats = _stats(states)
     assert fit_patch(stats, Gap(1, 2), "none") is None
-    assert set(PATCH_KINDS) == {"rotate", "diag", "none"}
-    with pytest.raises(LpDeployError, match=r"unknown patch kind 'hadamard'.*rotate, diag, none"):
+    assert set(PATCH_KINDS) == {"rotate", "diag", "lstsq", "lstsq-mlp", "none"}
+    with pytest.raises(
+        LpDeployError, match=r"unknown patch kind 'hadamard'.*rotate, diag, lstsq, lstsq-mlp, none"
+    ):
         fit_patch(stats, Gap(1, 2), "hadamard")
 
 
