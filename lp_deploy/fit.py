@@ -7,7 +7,7 @@ are collected per gap on demand.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -139,19 +139,23 @@ def patch_kind(name: str) -> PatchKind:
     return PATCH_KINDS[name]
 
 
-def effective_kind(kind: str, gap: Gap) -> str:
-    """The kind actually fitted at ``gap``: ``lstsq-mlp`` has no layer before a gap at 0."""
+def effective_kind(kind: str, gap: Gap, blocked: Collection[Gap] = ()) -> str:
+    """The kind actually fitted at ``gap``: a kind that folds into the MLP before the gap
+    falls back where there is no such layer (a gap at 0) or it cannot take the map
+    (``blocked``, see :func:`lp_deploy.pipeline.mlp_fold_blocker`)."""
     k = patch_kind(kind)
-    if k.folds_into_mlp and gap.start == 0 and k.fallback is not None:
+    if k.folds_into_mlp and k.fallback is not None and (gap.start == 0 or gap in blocked):
         return k.fallback
     return kind
 
 
-def gram_requests(plan: PruningPlan, kind: str) -> list[tuple[str, int, int]]:
+def gram_requests(
+    plan: PruningPlan, kind: str, blocked: Collection[Gap] = ()
+) -> list[tuple[str, int, int]]:
     """The least-squares sums (site, start, end) that fitting ``kind`` on ``plan`` needs."""
     out = []
     for gap in plan.gaps:
-        site = patch_kind(effective_kind(kind, gap)).gram_site
+        site = patch_kind(effective_kind(kind, gap, blocked)).gram_site
         if site is not None:
             out.append((site, gap.start, gap.end))
     return out
@@ -175,6 +179,9 @@ def fit_patches(
     plan: PruningPlan,
     kind: str,
     dtype: torch.dtype = torch.float32,
+    blocked: Collection[Gap] = (),
 ) -> dict[Gap, Patch | None]:
-    """One patch per gap of ``plan``."""
-    return {gap: fit_patch(source, gap, effective_kind(kind, gap), dtype) for gap in plan.gaps}
+    """One patch per gap of ``plan`` (of its :func:`effective_kind`)."""
+    return {
+        gap: fit_patch(source, gap, effective_kind(kind, gap, blocked), dtype) for gap in plan.gaps
+    }

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from lp_deploy.adapters import ModelAdapter
 from lp_deploy.aliases import DEFAULT_MODEL
 from lp_deploy.artifacts import Kind, check_out, clean_json
 from lp_deploy.calibration import CalibrationSpec
@@ -123,7 +126,8 @@ class Calibrated:
 
     def prepare(self, plans: list[PruningPlan], kind: str) -> None:
         """Collect (in one pass) the least-squares sums fitting ``kind`` on ``plans`` needs."""
-        missing = sorted({r for p in plans for r in gram_requests(p, kind)} - set(self.gram))
+        wanted = {r for p in plans for r in gram_requests(p, kind, self.blocked(p, kind))}
+        missing = sorted(wanted - set(self.gram))
         if not missing:
             return
         if self.dense_pruned:
@@ -156,7 +160,8 @@ class Calibrated:
         if patch_kind(kind).gram_site is not None:
             record["ridge_relative"] = self.ridge
         if patch_kind(kind).fit is not None and self.stats is not None:
-            patches = fit_patches(self._fit_inputs(plan, kind), plan, kind)
+            blocked = self.blocked(plan, kind)
+            patches = fit_patches(self._fit_inputs(plan, kind), plan, kind, blocked=blocked)
             record.update(self._install_patches(pruned, plan, kind, patches))
         pruned.meta = self._metadata(plan, record)
 
@@ -164,27 +169,35 @@ class Calibrated:
         assert self.stats is not None
         gram = {}
         for gap in plan.gaps:
-            site = patch_kind(effective_kind(kind, gap)).gram_site
+            site = patch_kind(effective_kind(kind, gap, self.blocked(plan, kind))).gram_site
             if site is not None:
                 gram[gap] = self.gram[(site, gap.start, gap.end)]
         return FitInputs(self.stats, gram, self.ridge)
 
-    @staticmethod
+    def blocked(self, plan: PruningPlan, kind: str) -> dict[Gap, str]:
+        """Gaps where ``kind`` cannot fold into the MLP before the gap, with the reason."""
+        if not patch_kind(kind).folds_into_mlp:
+            return {}
+        found = {g: mlp_fold_blocker(self.dense.adapter, g) for g in plan.gaps}
+        return {g: r for g, r in found.items() if r is not None}
+
     def _install_patches(
-        pruned: LoadedModel, plan: PruningPlan, kind: str, patches: dict[Gap, Any]
+        self, pruned: LoadedModel, plan: PruningPlan, kind: str, patches: dict[Gap, Any]
     ) -> dict[str, Any]:
         record: dict[str, Any] = {}
         maps = {}
+        blocked = self.blocked(plan, kind)
         for gap, patch in patches.items():
-            fitted = effective_kind(kind, gap)
+            fitted = effective_kind(kind, gap, blocked)
             if patch is not None and patch_kind(fitted).folds_into_mlp:
                 maps[gap] = patch.weight.data
             elif patch is not None:
                 set_patch(pruned.adapter, plan.patch_position(gap), patch)
             if fitted != kind:
+                reason = blocked.get(gap) or mlp_fold_blocker(None, gap)
                 warning = (
-                    f"gap [{gap.start}, {gap.end}) starts at layer 0: no layer before it to fold "
-                    f"a {kind} map into; fitted {fitted} there (a patch module)"
+                    f"gap [{gap.start}, {gap.end}): {reason}; fitted {fitted} there instead "
+                    f"of {kind} (a patch module)"
                 )
                 log.warning(warning)
                 record.setdefault("fallbacks", []).append(
@@ -203,6 +216,24 @@ class Calibrated:
             "calibration": {**self.spec.to_dict(), "tokens": tokens},
             "fold": None,
         }
+
+
+def mlp_fold_blocker(adapter: ModelAdapter | None, gap: Gap) -> str | None:
+    """Why a map cannot be folded into the down_proj of the layer before ``gap`` (None: it
+    can): there must be such a layer, and its MLP output must join the stream as it is."""
+    if gap.start < 1:
+        return "it starts at layer 0: there is no layer before it to fold a map into"
+    if adapter is None:
+        return None
+    name = type(adapter).__name__
+    if adapter.fold_blocker is not None:
+        return f"{name}: the MLP output is normalised before it joins the residual stream"
+    if adapter.residual_multiplier != 1.0:
+        return f"{name}: the MLP output is scaled by residual_multiplier before it joins the stream"
+    layer = list(adapter.layers)[gap.start - 1]
+    if not isinstance(adapter.layer_adapter(layer).mlp_output, nn.Linear):
+        return f"layer {gap.start - 1}'s MLP has no single down_proj (mixture of experts)"
+    return None
 
 
 def calibrate(

@@ -76,6 +76,9 @@ def fold_mlp_maps(
         if gap.start < 1:
             raise ValueError(f"gap {gap} has no layer before it to fold a map into")
         index = plan.patch_position(gap) - 1  # new index of original layer gap.start - 1
-        fold_into_mlp_output(adapter.layer_adapter(layers[index]).mlp_output, matrix)
+        down = adapter.layer_adapter(layers[index]).mlp_output
+        if not isinstance(down, nn.Linear):
+            raise ValueError(f"layer {index}'s MLP output is not one nn.Linear (experts?)")
+        fold_into_mlp_output(down, matrix)
         folded.append(index)
     return folded

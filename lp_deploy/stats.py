@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -224,9 +224,12 @@ class _MlpRecorder:
     def __init__(self, adapter: ModelAdapter, layers: list[int]) -> None:
         self.outputs: dict[int, torch.Tensor] = {}
         mods = list(adapter.layers)
+        projections = [adapter.layer_adapter(mods[i]).mlp_output for i in layers]
+        if not all(isinstance(p, nn.Linear) for p in projections):
+            raise ValueError(f"layers {layers}: an MLP output is not one nn.Linear (experts?)")
         self.handles = [
-            adapter.layer_adapter(mods[i]).mlp_output.register_forward_hook(self._hook(i))
-            for i in layers
+            cast(nn.Linear, p).register_forward_hook(self._hook(i))
+            for i, p in zip(layers, projections, strict=True)
         ]
 
     def _hook(self, index: int) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import build_tokenizer, make_tiny_model
+from conftest import ARCHS, build_tokenizer, make_tiny_model
 from onnx import numpy_helper
 
 from lp_deploy.calibration import CalibrationSpec
@@ -23,7 +23,7 @@ from lp_deploy.fit import lstsq_matrix
 from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
 from lp_deploy.modules import LinearPatch
-from lp_deploy.pipeline import Calibrated, calibrate
+from lp_deploy.pipeline import Calibrated, calibrate, mlp_fold_blocker
 from lp_deploy.prune import installed_patches
 from lp_deploy.selection import Gap, make_plan
 from lp_deploy.stats import GramStats, collect_gram
@@ -210,3 +210,30 @@ def test_gap_helper_rejects_a_fold_without_a_layer_before() -> None:
     model = LoadedModel(make_tiny_model("llama", num_layers=4), build_tokenizer())
     with pytest.raises(ValueError, match="no layer before"):
         fold_mlp_maps(model.adapter, make_plan(4, [0], "manual"), {Gap(0, 1): torch.eye(64)})
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_lstsq_mlp_on_every_architecture_folds_exactly_or_falls_back(
+    arch: str, text_file: Path
+) -> None:
+    """Where the MLP output joins the stream as it is, the folded down_proj equals applying
+    the map to it; where it does not (Gemma/OLMo-2 post-norms, Granite's multiplier, experts),
+    the gap gets ``lstsq`` and says why."""
+    cal = _calibrated(text_file, arch=arch, num_layers=4)
+    plan = make_plan(4, [2], "manual")
+    pruned = cal.prune(plan, "lstsq-mlp")
+    blocker = mlp_fold_blocker(cal.dense.adapter, Gap(2, 3))
+    if blocker is not None:
+        (fallback,) = pruned.meta["patch"]["fallbacks"]
+        assert fallback["kind"] == "lstsq" and blocker in fallback["reason"]
+        assert isinstance(installed_patches(pruned.adapter)[2], LinearPatch)
+        return
+    assert installed_patches(pruned.adapter) == {}
+    plain = cal.prune(plan, "none")
+    matrix = lstsq_matrix(cal.gram[("mlp", 2, 3)]).float()
+    down = plain.adapter.layer_adapter(plain.adapter.layers[1]).mlp_output
+    handle = down.register_forward_hook(lambda _m, _a, out: out @ matrix)
+    ids = _windows(2, 20, seed=5)
+    want = _logits(plain.model, ids)
+    handle.remove()
+    torch.testing.assert_close(_logits(pruned.model, ids), want, rtol=0, atol=TOL)
