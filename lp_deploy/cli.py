@@ -276,7 +276,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     s = run_distill(cfg).summary
-    val = ", ".join(f"{v:.4f}" for v in s["val_loss"])
+    val = ", ".join("n/a" if v is None else f"{v:.4f}" for v in s["val_loss"])
     print(f"\n{s['train']}: {s['steps']} steps, val loss {val} (best epoch {s['best_epoch']})")
     if "perplexity" in s:
         print(f"perplexity distilled: {s['perplexity']:.3f}")

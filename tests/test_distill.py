@@ -265,5 +265,8 @@ def test_cli(
     text = capsys.readouterr().out
     assert "val loss" in text and str(out) in text
     assert load_patched(out).meta["distill"]["train"] == "diag"
+    noval = tmp_path / "noval"  # no validation split: the losses print as n/a
+    assert main([*args, "--val-fraction", "0", "--out", str(noval)]) == 0
+    assert "val loss n/a, n/a" in capsys.readouterr().out and noval.is_dir()
     assert main([*args, "--topk", "1000", "--out", str(tmp_path / "y")]) == 2
     assert "above the vocabulary" in capsys.readouterr().err
