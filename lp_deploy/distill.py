@@ -156,6 +156,10 @@ def _to_device(model: Any, device: torch.device) -> None:
     model.to(device)
 
 
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _load_dense(cfg: DistillConfig, student: LoadedModel) -> LoadedModel:
     source = student.meta.get("source") or {}
     dense = load_model(source.get("source", ""))
@@ -240,8 +244,10 @@ def _student_prefix(
     position: int,
     pkey: dict[str, Any],
 ) -> ShardReader:
-    """The prefix states from the student's own first layers (teacher cache reused)."""
-    device, dtype = _device(cfg), PREFIX_DTYPES[cfg.prefix_dtype]
+    """The prefix states from the student's own first layers (teacher cache reused), on the
+    run's device; the ids follow the student's own parameters."""
+    _to_device(student.model, _device(cfg))
+    device, dtype = _model_device(student.model), PREFIX_DTYPES[cfg.prefix_dtype]
     with _prefix_writer(cfg, pkey) as writer:
         for i in tqdm(range(len(teacher)), desc="prefix cache", disable=not cfg.progress):
             ids = teacher.window(i)["input_ids"].unsqueeze(0).to(device)

@@ -4,7 +4,9 @@ before anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,28 @@ def test_prefix_cached_step_equals_the_full_model(
     assert abs(float(cached) - float(full)) <= 1e-4
     torch.testing.assert_close(grad_cached, params[pos].grad, atol=1e-5, rtol=1e-4)
     assert len(student.adapter.layers) == 4  # the layer list was restored
+
+
+def test_the_student_prefix_is_built_on_the_students_own_device(
+    save_tiny_model: Callable[..., Path],
+    text_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the teacher cache reused, the prefix comes from the student: it is moved to the
+    run's device first and the ids follow its parameters (a CUDA run used to send the ids to
+    the GPU while the student was still on the CPU)."""
+    patched = _patched(save_tiny_model, text_file, tmp_path)
+    cfg = _cfg(patched, text_file, None, samples=4)
+    student, position, windows, key = distill_mod._prepare(cfg)
+    first = distill_mod.build_caches(cfg, student, windows, key, position)
+    shutil.rmtree(distill_mod._prefix_dir(cfg))
+    moved: list[torch.device] = []
+    monkeypatch.setattr(distill_mod, "_to_device", lambda _model, device: moved.append(device))
+    cuda = dataclasses.replace(cfg, device="cuda")  # no GPU needed: the move is recorded only
+    again = distill_mod.build_caches(cuda, student, windows, key, position)
+    assert again.built == ["prefix"] and moved == [torch.device("cuda")]
+    torch.testing.assert_close(again.prefix.get(3, ("hidden",)), first.prefix.get(3, ("hidden",)))
 
 
 # --------------------------------------------------------------------------- acceptance 4
