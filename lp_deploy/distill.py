@@ -113,13 +113,39 @@ def validate_config(cfg: DistillConfig) -> None:
     if cfg.topk < 1 or cfg.epochs < 1 or cfg.batch_size < 1:
         raise LpDeployError("--topk, --epochs and --batch-size must be at least 1")
     if cfg.data.samples < 1 or cfg.data.seqlen < 2:
-        raise LpDeployError(f"need --samples >= 1 and --seqlen >= 2, got {cfg.data.samples}")
+        raise LpDeployError(
+            f"need --samples >= 1 and --seqlen >= 2, got --samples {cfg.data.samples} "
+            f"--seqlen {cfg.data.seqlen}"
+        )
     if not (cfg.lr > 0 and 0 <= cfg.val_fraction < 1 and 0 < cfg.min_lr_ratio <= 1):
         raise LpDeployError("need --lr > 0, 0 <= --val-fraction < 1, 0 < min_lr_ratio <= 1")
+    _check_training_options(cfg)
     if cfg.prefix_dtype not in PREFIX_DTYPES:
         raise LpDeployError(f"--prefix-dtype must be one of {', '.join(PREFIX_DTYPES)}")
     if cfg.out is not None:
         check_out(cfg.out, Kind.CHECKPOINT, cfg.overwrite)
+
+
+def _check_training_options(cfg: DistillConfig) -> None:
+    bad = [
+        f"{name} {value}"
+        for name, value, ok in (
+            ("--patience", cfg.patience, cfg.patience >= 1),
+            ("--save-every", cfg.save_every, cfg.save_every >= 0),
+            (
+                "--weight-decay",
+                cfg.weight_decay,
+                math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+            ),
+            ("clip", cfg.clip, math.isfinite(cfg.clip) and cfg.clip > 0),
+        )
+        if not ok
+    ]
+    if bad:
+        raise LpDeployError(
+            f"need --patience >= 1, --save-every >= 0 (0: each epoch only), --weight-decay >= 0 "
+            f"and clip > 0 (a gradient-norm bound), got {', '.join(bad)}"
+        )
 
 
 def check_student(student: LoadedModel, cfg: DistillConfig) -> int:

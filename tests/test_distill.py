@@ -261,6 +261,23 @@ def test_bad_inputs_are_refused_before_anything_is_written(
         _nothing_written(tmp_path, out, before)
 
 
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        ({"patience": 0}, "--patience 0"),
+        ({"save_every": -1}, "--save-every -1"),
+        ({"weight_decay": -1e-4}, "--weight-decay -0.0001"),
+        ({"clip": 0.0}, "clip 0.0"),
+        ({"clip": float("nan")}, "clip nan"),
+        ({"samples": 4, "seqlen": 1}, "--samples 4 --seqlen 1"),
+    ],
+)
+def test_bad_training_options_are_refused(option: dict[str, Any], match: str) -> None:
+    data = CalibrationSpec("t.txt", option.pop("samples", 4), option.pop("seqlen", 32), 0)
+    with pytest.raises(LpDeployError, match=match):
+        distill_mod.validate_config(DistillConfig(Path("p"), data, **option))
+
+
 def test_folded_and_untrainable_checkpoints_are_refused(
     save_tiny_model: Callable[..., Path], text_file: Path, tmp_path: Path
 ) -> None:
