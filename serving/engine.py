@@ -88,7 +88,9 @@ def parse_request(inputs: Mapping[str, Any], default_max_tokens: int = 32) -> Ge
     """A :class:`GenerateRequest` from the generate model's input arrays (absent: None);
     a clear :class:`LpDeployError` for a missing prompt or a value out of range.
 
-    Greedy unless ``temperature`` (> 0), ``top_k`` (> 0) or ``top_p`` (< 1) asks to sample.
+    Greedy unless ``temperature`` (> 0), ``top_k`` (> 0) or ``top_p`` (< 1) asks to sample;
+    an explicit ``temperature`` of 0 is greedy whatever ``top_k`` and ``top_p`` say (as in vLLM
+    and TensorRT-LLM).
     """
     raw = _scalar(inputs, "text_input")
     if raw is None:
@@ -103,7 +105,7 @@ def parse_request(inputs: Mapping[str, Any], default_max_tokens: int = 32) -> Ge
     temperature = _scalar(inputs, "temperature")
     top_k = _scalar(inputs, "top_k")
     top_p = _scalar(inputs, "top_p")
-    sample = bool(
+    sample = bool(temperature != 0) and bool(
         (temperature is not None and temperature > 0)
         or (top_k is not None and top_k > 0)
         or (top_p is not None and top_p < 1)
@@ -143,6 +145,7 @@ class _Sequence:
     last: int = -1  # the token to feed next
     produced: int = 0
     done: bool = False
+    shown: str = ""  # the text given to the sink's token(): never the start of a stop string
 
 
 class BatchEngine:
@@ -195,20 +198,34 @@ class BatchEngine:
     # ------------------------------------------------------------------ the loop
 
     def start(self) -> None:
-        """Run the steps on a background thread until :meth:`stop`."""
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lp-deploy-batch", daemon=True)
-        self._thread.start()
+        """Run the steps on a background thread until :meth:`stop` (once: a second call while
+        it runs does nothing)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lp-deploy-batch", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread and fail the requests not answered yet; a step still running after
+        ``timeout`` s fails them itself when it ends."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for seq in self._active + [s for s, _ in self._waiting]:
-            self._safe(seq, lambda s: s.sink.fail("the model is being unloaded"))
-        self._active, self._waiting = [], deque()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("a generation step still runs after %.0f s: it ends the rest", timeout)
+                return
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        with self._cond:
+            seqs = self._active + [s for s, _ in self._waiting]
+            self._active, self._waiting = [], deque()
+        self._fail(seqs, "the model is being unloaded")
 
     def _loop(self) -> None:
         while True:
@@ -216,8 +233,9 @@ class BatchEngine:
                 while not (self._waiting or self._active or self._stopping):
                     self._cond.wait()
                 if self._stopping:
-                    return
+                    break
             self.step()
+        self._fail_all()
 
     def step(self) -> None:
         """Admit waiting requests (prefill), then one decode step for every active one."""
@@ -229,10 +247,9 @@ class BatchEngine:
                 self._drop_finished()
         except Exception as exc:  # a failed step fails its requests, not the server
             log.exception("generation step failed")
-            message = f"generation failed: {exc}"
-            for seq in self._active:
-                self._safe(seq, lambda s: s.sink.fail(message))
-            self._active = []
+            with self._cond:
+                failed, self._active = self._active, []
+            self._fail(failed, f"generation failed: {exc}")
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit, together (left-padded) when several."""
@@ -243,13 +260,22 @@ class BatchEngine:
         new = [(seq, ids) for seq, ids in new if not self._cancelled(seq)]
         if not new:
             return
-        pad = self.runtime.tokenizer.pad_token_id
-        ids, mask, offsets = pad_batch([i for _, i in new], 0 if pad is None else int(pad), "left")
-        logits, present = self.runtime.forward(ids, mask, positions_from_mask(mask))
+        seqs = [seq for seq, _ in new]
+        try:
+            pad = self.runtime.tokenizer.pad_token_id
+            rows = [i for _, i in new]
+            ids, mask, offsets = pad_batch(rows, 0 if pad is None else int(pad), "left")
+            logits, present = self.runtime.forward(ids, mask, positions_from_mask(mask))
+        except Exception as exc:  # popped from the queue: they are answered here or never
+            log.exception("prefill failed")
+            self._fail(seqs, f"generation failed: {exc}")
+            return
+        with self._cond:
+            self._active.extend(seqs)  # from here on, step() fails them if anything raises
         for row, (seq, prompt) in enumerate(new):
             seq.past = _row(present, row, offsets[row])
             seq.length = len(prompt)
-            self._active.append(seq)
+        for row, seq in enumerate(seqs):
             self._emit(seq, logits[row, -1])
 
     def _decode(self) -> None:
@@ -275,20 +301,25 @@ class BatchEngine:
     # ------------------------------------------------------------------ per sequence
 
     def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Pick the next token of ``seq``, hand it to its sink, and see whether it is done."""
+        """Pick the next token of ``seq``, hand it to its sink, and see whether it is done.
+
+        The text ends where a stop string begins; text that may be the start of one is held
+        back until the next tokens tell."""
         token = next_token(logits, seq.request.sampling, seq.generator)
         seq.produced += 1
         seq.last = token
-        before = seq.deltas.sent
-        delta = seq.deltas.push(token)
-        cut = _stop_at(before + delta, seq.request.stop)
-        if cut is not None:
-            delta = (before + delta)[len(before) : max(cut, len(before))]
+        seq.deltas.push(token)
+        stops = seq.request.stop
+        text, stopped = _until_stop(seq.deltas.sent, stops)
+        shown = text if stopped else text[: len(text) - _held_back(text, stops)]
+        delta, seq.shown = shown[len(seq.shown) :], shown
         if not self._safe(seq, lambda s: s.sink.token(token, delta)):
             return
-        if cut is not None or token in seq.stops or seq.produced >= seq.request.max_tokens:
-            tail = "" if cut is not None else seq.deltas.finish()
-            text = (before + delta) if cut is not None else seq.deltas.sent
+        if stopped or token in seq.stops or seq.produced >= seq.request.max_tokens:
+            if not stopped:
+                seq.deltas.finish()  # an incomplete character's bytes, as they are
+                text, _ = _until_stop(seq.deltas.sent, stops)
+            tail = text[len(seq.shown) :]
             seq.done = True
             self._safe(seq, lambda s: s.sink.finish(list(s.deltas.ids), text, tail))
 
@@ -303,6 +334,13 @@ class BatchEngine:
             self._safe(seq, lambda s: s.sink.fail("the request was cancelled"))
         return cancelled
 
+    def _fail(self, seqs: Sequence[_Sequence], message: str) -> None:
+        """Fail every sequence of ``seqs`` not answered yet."""
+        for seq in seqs:
+            if not seq.done:
+                seq.done = True
+                self._safe(seq, lambda s: s.sink.fail(message))
+
     def _safe(self, seq: _Sequence, call: Any) -> bool:
         """Call the sink; a sink that raises (the client went away) ends the sequence."""
         try:
@@ -314,7 +352,9 @@ class BatchEngine:
             return False
 
     def _drop_finished(self) -> None:
-        self._active = [s for s in self._active if not s.done and not self._cancelled(s)]
+        kept = [s for s in self._active if not s.done and not self._cancelled(s)]
+        with self._cond:
+            self._active = kept
 
 
 def _row(present: Past, row: int, start: int) -> Past:
@@ -339,7 +379,18 @@ def _left_pad(pasts: Sequence[Past], lengths: Sequence[int], width: int) -> Past
     return out
 
 
-def _stop_at(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string begins in ``text`` (None: none occurs)."""
+def _until_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to where the first stop string begins, and whether one occurs."""
     found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that begins a stop string (0: none)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from lp_deploy.errors import LpDeployError
-from lp_deploy.runtimes import Runtime, create_runtime
+from lp_deploy.runtimes import Past, Runtime, create_runtime
 from lp_deploy.runtimes.base import SamplingConfig
 from lp_deploy.serving.engine import BatchEngine, GenerateRequest, parse_request
 
@@ -46,6 +48,54 @@ class ListSink:
 
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.tokens) >= self.cancel_after
+
+
+class ScriptTokenizer:
+    pad_token_id = 0
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [self.vocab.index(w) for w in text.split()]}
+
+
+class ScriptRuntime(Runtime):
+    """No model: token ``i`` is followed by token ``i + 1`` (the vocabulary is the script),
+    decoding joins the pieces; ``fail_prefill`` makes a prefill (no past) raise."""
+
+    name = "script"
+    max_length = 64
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.tokenizer = ScriptTokenizer(vocab)
+        self.vocab = vocab
+        self.fail_prefill = False
+        self.gate: threading.Event | None = None  # forward waits for it when set
+        self.entered = threading.Event()  # forward was called
+
+    def decode(self, ids: Any) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: Past | None = None,
+    ) -> tuple[torch.Tensor, Past]:
+        if past is None and self.fail_prefill:
+            raise RuntimeError("prefill exploded")
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        logits = torch.nn.functional.one_hot((input_ids + 1) % len(self.vocab), len(self.vocab))
+        new = torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 1)
+        kv = new if past is None else torch.cat([past[0][0], new], 2)
+        return logits.float(), [(kv, kv)]
+
+
+SCRIPT = ["<pad>", "x", "a", "ri", "ver", "s", " end"]
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +220,76 @@ def test_parse_request() -> None:
     assert req.sampling.do_sample and req.sampling.temperature == 0.5
     greedy = parse_request({"text_input": arr(b"hi", object), "temperature": arr(0, np.float32)})
     assert not greedy.sampling.do_sample
+    for extra in ({"top_k": arr(5, np.int32)}, {"top_p": arr(0.5, np.float32)}):
+        inputs = {"text_input": arr(b"hi", object), "temperature": arr(0, np.float32), **extra}
+        assert not parse_request(inputs).sampling.do_sample  # 0 is greedy, not temperature 1
+    sampled = parse_request({"text_input": arr(b"hi", object), "top_k": arr(5, np.int32)})
+    assert sampled.sampling.do_sample and sampled.sampling.temperature == 1.0
     for bad, match in [
         ({}, "text_input' is required"),
         ({"text_input": arr(b"", object)}, "empty"),
         ({"text_input": arr(b"x", object), "max_tokens": arr(0, np.int32)}, "max_tokens must be"),
         ({"text_input": arr(b"x", object), "top_p": arr(1.5, np.float32)}, "top_p"),
+        ({"text_input": arr(b"x", object), "temperature": arr(-1, np.float32)}, "temperature"),
         ({"text_input": np.array([b"a", b"b"], dtype=object)}, "one value"),
     ]:
         with pytest.raises(LpDeployError, match=match):
             parse_request(bad)
+
+
+def test_a_failed_prefill_answers_its_requests_and_spares_the_others() -> None:
+    rt = ScriptRuntime(SCRIPT)
+    engine = BatchEngine(rt, max_batch=4)
+    running = ListSink()
+    engine.submit(GenerateRequest("x", max_tokens=4), running)
+    engine.step()  # prefilled: decoding
+    rt.fail_prefill = True
+    failed = [ListSink(), ListSink()]
+    for sink in failed:
+        engine.submit(GenerateRequest("x a", max_tokens=4), sink)
+    run(engine)
+    for sink in failed:
+        assert sink.error is not None and "prefill exploded" in sink.error
+        assert sink.result is None and not sink.tokens
+    assert running.error is None and running.result is not None
+    assert running.result[1] == "arivers" and not engine.busy
+
+
+@pytest.mark.parametrize(
+    ("stop", "max_tokens", "pieces", "text"),
+    [
+        ("river", 5, ["a", "", ""], "a"),  # "ri" + "ver": cut, and "ri" never streamed
+        ("rivet", 4, ["a", "", "rive", "rs"], "arivers"),  # held back, then released
+        ("river", 2, ["a", ""], "ari"),  # the held-back "ri" comes with the end
+        ("ver", 5, ["a", "ri", ""], "ari"),
+        ("s end", 9, ["a", "ri", "ver", "", ""], "ariver"),  # "s" alone is held back
+    ],
+)
+def test_stop_strings_spanning_tokens_are_cut_and_never_streamed(
+    stop: str, max_tokens: int, pieces: list[str], text: str
+) -> None:
+    engine = BatchEngine(ScriptRuntime(SCRIPT))
+    sink = ListSink()
+    engine.submit(GenerateRequest("x", max_tokens, stop=(stop,), stream=True), sink)
+    run(engine)
+    assert sink.result is not None and sink.pieces == pieces and sink.result[1] == text
+    assert "".join(sink.pieces) + sink.result[2] == text
+
+
+def test_start_twice_runs_one_loop_and_stop_waits_for_a_running_step() -> None:
+    rt = ScriptRuntime(SCRIPT)
+    rt.gate = threading.Event()
+    engine = BatchEngine(rt)
+    engine.start()
+    thread = engine._thread
+    engine.start()
+    assert engine._thread is thread
+    sink = ListSink()
+    engine.submit(GenerateRequest("x", max_tokens=50), sink)
+    assert rt.entered.wait(10)
+    engine.stop(timeout=0.2)  # the step is blocked in forward: stop leaves it be
+    assert thread is not None and thread.is_alive() and sink.error is None
+    rt.gate.set()
+    thread.join(10)
+    assert not thread.is_alive() and sink.error == "the model is being unloaded"
+    assert not engine.busy
