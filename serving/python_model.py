@@ -78,6 +78,14 @@ def send_error(sender: Any, message: str) -> None:
     )
 
 
+def _answer_error(sender: Any, message: str) -> None:
+    """:func:`send_error`, logged instead of raised when the client is gone."""
+    try:
+        send_error(sender, message)
+    except Exception:
+        log.exception("could not send the error %r", message)
+
+
 def request_inputs(request: Any) -> dict[str, Any]:
     """The generate inputs of a Triton request as numpy arrays (absent: not in the dict)."""
     pb = _pb()
@@ -116,15 +124,22 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         """Queue every request (decoupled: the engine's thread answers them)."""
-        for request in requests:
-            sender = request.get_response_sender()
+        for request in requests:  # one request's failure is its own: the others go on
+            try:
+                sender = request.get_response_sender()
+            except Exception:
+                log.exception("a request without a response sender was dropped")
+                continue
             try:
                 req: GenerateRequest = parse_request(
                     request_inputs(request), self.default_max_tokens
                 )
                 self.engine.submit(req, TritonSink(request, sender, req.stream))
             except (LpDeployError, ValueError) as exc:
-                send_error(sender, str(exc))
+                _answer_error(sender, str(exc))
+            except Exception as exc:
+                log.exception("a request failed")
+                _answer_error(sender, f"internal error: {type(exc).__name__}: {exc}")
         return None
 
     def finalize(self) -> None:

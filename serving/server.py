@@ -240,24 +240,11 @@ class TritonServer:
     # ------------------------------------------------------------------ stop
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server by its PID (SIGINT, SIGKILL after ``timeout``); remove its files."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "tritonserver pid %d did not stop in %.0f s: killing", proc.pid, timeout
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        if proc is not None and proc.poll() is not None:
-            # the python backend stubs are in the server's process group (own session)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        """Stop the server by its PID (SIGINT, then SIGKILL to its process group after
+        ``timeout``); remove its files. A second call does nothing."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.returncode is None:
+            _stop_group(proc, timeout)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -272,6 +259,35 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Whether our child ``pid`` exited within ``timeout`` s, left unreaped (a zombie keeps
+    its pid and process group from being reused); ChildProcessError once it was reaped."""
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGINT the server, then SIGKILL its process group (the python backend stubs, and the
+    server if it did not stop) while the unreaped server still holds the group id; then reap.
+    A server reaped elsewhere is not signalled: its pid may be another process's now."""
+    try:
+        if not _exited(proc.pid, 0):
+            os.kill(proc.pid, signal.SIGINT)
+            if not _exited(proc.pid, timeout):
+                log.warning(
+                    "tritonserver pid %d did not stop in %.0f s: killing", proc.pid, timeout
+                )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    except ChildProcessError:
+        log.debug("tritonserver pid %d was reaped already: not signalled", proc.pid)
+    proc.wait(10)
 
 
 def _interrupt(signum: int, frame: object) -> None:
