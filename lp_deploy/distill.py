@@ -504,7 +504,7 @@ def _prepare(cfg: DistillConfig) -> tuple[LoadedModel, int, torch.Tensor, dict[s
     student = load_patched(cfg.patched)
     position = check_student(student, cfg)
     source = student.meta.get("source") or {}
-    key = cache_key(source.get("sha256") or {"source": source.get("source")}, cfg.data, cfg.topk)
+    key = cache_key(source, cfg.data, cfg.topk)
     check_cache(Path(cfg.teacher_cache or default_cache_dir(key)).expanduser(), key)
     windows = distill_windows(student.tokenizer, cfg.data)
     if cfg.resume and not has_state(state_dir(cfg)):

@@ -64,7 +64,7 @@ class ShardWriter:
 @contextmanager
 def write_shards(out: Path, per_shard: int) -> Iterator[ShardWriter]:
     """A :class:`ShardWriter` into a temporary directory that becomes ``out`` when the block
-    ends without error; the caller sets ``writer.manifest`` data via :func:`finish`."""
+    ends without error (the caller writes the manifest into ``writer.directory`` inside it)."""
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, per_shard)
         yield writer

@@ -41,11 +41,25 @@ def data_record(spec: CalibrationSpec) -> dict[str, Any]:
     return {key: source, "text_field": spec.text_field, "seed": spec.seed}
 
 
-def cache_key(model_sha256: dict[str, str], spec: CalibrationSpec, k: int) -> dict[str, Any]:
-    """What a teacher cache must have been built from to be reused."""
+def model_record(source: dict[str, Any]) -> dict[str, Any]:
+    """The dense model's content hashes; only its name when it has none (a hub id)."""
+    sha = source.get("sha256")
+    if sha:
+        return {"sha256": dict(sorted(sha.items()))}
+    return {"source": source.get("source"), "unverified": True}
+
+
+def verifiable(key: dict[str, Any]) -> bool:
+    """Whether the key identifies the model and the data by content (not only by name)."""
+    return "sha256" in key["model"] and "sha256" in key["data"]
+
+
+def cache_key(source: dict[str, Any], spec: CalibrationSpec, k: int) -> dict[str, Any]:
+    """What a teacher cache must have been built from to be reused (``source``: the
+    checkpoint's record of its dense model)."""
     return {
         "format": FORMAT,
-        "model": {"sha256": dict(sorted(model_sha256.items()))},
+        "model": model_record(source),
         "data": data_record(spec),
         "k": k,
         "seqlen": spec.seqlen,
@@ -72,6 +86,12 @@ def check_cache(directory: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     manifest = read_manifest(directory, "teacher cache")
     if manifest is None:
         return None
+    if not verifiable(key):
+        raise CacheError(
+            f"teacher cache {directory} exists, but the dense model or the data is known only by "
+            f"name ({key['model']}, {key['data']}), not by content, so the cache cannot be "
+            "checked against it; delete the directory to rebuild it"
+        )
     diffs = _differences(manifest, key)
     if diffs:
         raise CacheError(

@@ -78,7 +78,13 @@ def _cfg(patched: Path, text_file: Path, out: Path, **kwargs: Any) -> DistillCon
 # --------------------------------------------------------------------------- acceptance 3
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+#: every architecture in `make test-all`; two in `make test` (one with mixed sliding layers)
+_FAST_ARCHS = ("llama", "qwen2")
+
+
+@pytest.mark.parametrize(
+    "arch", [a if a in _FAST_ARCHS else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
+)
 def test_prefix_cached_step_equals_the_full_model(
     arch: str,
     save_tiny_model: Callable[..., Path],
@@ -311,3 +317,16 @@ def test_cli(
     assert "val loss n/a, n/a" in capsys.readouterr().out and noval.is_dir()
     assert main([*args, "--topk", "1000", "--out", str(tmp_path / "y")]) == 2
     assert "above the vocabulary" in capsys.readouterr().err
+
+
+def test_a_cache_without_content_identity_is_not_reused(text_file: Path, tmp_path: Path) -> None:
+    """A hub model (no sha256 recorded) or an hf: dataset can change under the same name."""
+    from lp_deploy.teacher import cache_key, check_cache
+
+    key = cache_key({"source": "org/model"}, CalibrationSpec(str(text_file), 4, 32), K)
+    assert key["model"] == {"source": "org/model", "unverified": True}
+    assert check_cache(tmp_path / "absent", key) is None  # building one is fine
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({**key, "shards": []}))
+    with pytest.raises(CacheError, match="known only by name"):
+        check_cache(tmp_path / "c", key)
