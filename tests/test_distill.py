@@ -78,7 +78,7 @@ def _cfg(patched: Path, text_file: Path, out: Path, **kwargs: Any) -> DistillCon
 # --------------------------------------------------------------------------- acceptance 3
 
 
-#: every architecture in `make test-all`; two in `make test` (one with mixed sliding layers)
+#: ~1 s per architecture: all run in `make test`; `make test-fast` (not slow) keeps these two
 _FAST_ARCHS = ("llama", "qwen2")
 
 
