@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -40,13 +41,28 @@ TRITON_DIR_ENV = "LP_DEPLOY_TRITON_DIR"
 PYTHON_ENV_ENV = "LP_DEPLOY_TRITON_ENV"
 #: the source checkout (for an editable install): where ``make triton`` puts its folders
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
+#: starts tried when a port picked for the server is taken before it binds it
+START_TRIES = 3
 
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now, none of ``avoid`` (another
+    process may still take one before the server binds it: :meth:`TritonServer.start`
+    retries)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+            if port not in avoid:
+                ports.append(port)
+        return ports
 
 
 def _find(given: Path | None, env: str, name: str, what: str) -> Path:
@@ -69,6 +85,31 @@ def triton_dir(given: Path | None = None) -> Path:
 def python_env(given: Path | None = None) -> Path:
     """The numpy<2 environment that runs the python backend's ``model.py``."""
     return _find(given, PYTHON_ENV_ENV, ".venv-triton", "the python backend's environment")
+
+
+def python_info(env_dir: Path) -> tuple[str, str]:
+    """``major.minor`` and ``LIBDIR`` of the Python of environment ``env_dir``."""
+    info = subprocess.run(
+        [
+            str(env_dir / "bin" / "python"),
+            "-c",
+            "import sys,sysconfig;print(sys.version_info[0],"
+            "sys.version_info[1],sysconfig.get_config_var('LIBDIR'))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return f"{info[0]}.{info[1]}", info[2]
+
+
+def backend_stub(wheel: Path, version: str) -> Path:
+    """The wheel's python backend stub for Python ``version``; a clear error when it has none."""
+    stubs = wheel / "pytriton" / "tritonserver" / "python_backend_stubs"
+    stub = stubs / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise LpDeployError(f"the tritonserver wheel has no python backend stub for {version}")
+    return stub
 
 
 def python_models(repo: Path) -> list[str]:
@@ -107,11 +148,16 @@ class TritonServer:
         if not self.repo.is_dir():
             raise LpDeployError(f"model repository {self.repo} does not exist")
         self.models = cfg.models if cfg.models is not None else python_models(self.repo)
-        self.http_port = cfg.http_port or free_port()
-        self.grpc_port = cfg.grpc_port or free_port()
+        self.http_port, self.grpc_port = self._ports()
         self.process: subprocess.Popen[bytes] | None = None
         self._tmp: Path | None = None
         self.log_path: Path | None = None
+
+    def _ports(self) -> tuple[int, int]:
+        """The configured ports; for 0, free ones, distinct from each other and the others."""
+        http, grpc = self.cfg.http_port, self.cfg.grpc_port
+        picked = iter(free_ports(2, avoid={http, grpc}))
+        return http or next(picked), grpc or next(picked)
 
     @property
     def url(self) -> str:
@@ -130,25 +176,11 @@ class TritonServer:
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         wheel = triton_dir(self.cfg.triton)
         env_dir = python_env(self.cfg.env)
-        python = env_dir / "bin" / "python"
-        info = subprocess.run(
-            [
-                str(python),
-                "-c",
-                "import sys,sysconfig;print(sys.version_info[0],"
-                "sys.version_info[1],sysconfig.get_config_var('LIBDIR'))",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        version, libdir = f"{info[0]}.{info[1]}", info[2]
+        version, libdir = python_info(env_dir)
+        stub = backend_stub(wheel, version)
         self._tmp = Path(tempfile.mkdtemp(prefix="lp-deploy-triton-"))
         server = self._tmp / "tritonserver"
         shutil.copytree(wheel / "pytriton" / "tritonserver", server, symlinks=True)
-        stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
-        if not stub.is_file():
-            raise LpDeployError(f"the tritonserver wheel has no python backend stub for {version}")
         shutil.copy2(stub, server / "backends" / "python" / stub.name)
         env = dict(os.environ)
         libs = [str(wheel / "nvidia_pytriton.libs"), libdir, env.get("LD_LIBRARY_PATH", "")]
@@ -173,7 +205,20 @@ class TritonServer:
         return cmd, env
 
     def start(self) -> TritonServer:
-        """Start the server and wait until it and its models are ready."""
+        """Start the server and wait until it and its models are ready; when a port it picked
+        was taken meanwhile ("already in use"), again on new ports (``START_TRIES`` in all)."""
+        picked = not (self.cfg.http_port and self.cfg.grpc_port)
+        for attempt in range(1, START_TRIES + 1):
+            try:
+                return self._start_once()
+            except LpDeployError as exc:
+                if not (picked and "already in use" in str(exc)) or attempt == START_TRIES:
+                    raise
+                log.warning("tritonserver: a port was taken, retrying on new ports: %s", exc)
+                self.http_port, self.grpc_port = self._ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> TritonServer:
         cmd, env = self._prepare()
         assert self._tmp is not None
         self.log_path = self._tmp / "tritonserver.log"
