@@ -107,7 +107,7 @@ def _ms(values: list[float], q: float) -> float:
 def _run_pass(
     cfg: ServingBenchConfig,
     url: str,
-    grpc_url: str,
+    grpc_url: str | None,
     clients: int,
     reference: dict[int, list[int]] | None,
 ) -> tuple[PassResult, dict[int, list[int]]]:
@@ -171,9 +171,14 @@ def _run_pass(
     )
 
 
-def _bench(cfg: ServingBenchConfig, url: str, grpc_url: str) -> ServingBenchResult:
+def _bench(cfg: ServingBenchConfig, url: str, grpc_url: str | None) -> ServingBenchResult:
     client.generate(url, cfg.model, PROMPTS[0], cfg.protocol, 4, grpc_url=grpc_url)  # warm-up
     single, reference = _run_pass(cfg, url, grpc_url, 1, None)
+    if single.tokens == 0:  # no reference, no ratio: say why
+        raise client.ServingError(
+            f"every request of the 1-client pass failed ({single.errors} errors): "
+            + "; ".join(single.error_messages)
+        )
     concurrent, _ = _run_pass(cfg, url, grpc_url, cfg.clients, reference)
     return ServingBenchResult(
         cfg.model,
@@ -188,7 +193,7 @@ def _bench(cfg: ServingBenchConfig, url: str, grpc_url: str) -> ServingBenchResu
 def run_serving_bench(cfg: ServingBenchConfig) -> ServingBenchResult:
     """Run the benchmark (starting and stopping a server unless ``cfg.url`` is given)."""
     if cfg.url:
-        result = _bench(cfg, cfg.url, cfg.grpc_url or cfg.url)
+        result = _bench(cfg, cfg.url, cfg.grpc_url)
     else:
         if cfg.source is None:
             raise ValueError("give a source (ONNX export or model repository) or a server url")

@@ -7,12 +7,14 @@ library; gRPC streaming uses ``tritonclient.grpc``'s ``stream_infer``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.client import HTTPResponse
 from typing import Any
 
 from lp_deploy.errors import LpDeployError
@@ -64,14 +66,20 @@ def _split(url: str) -> tuple[str, int]:
     return (host or "127.0.0.1"), int(port)
 
 
-def _post(url: str, path: str, body: dict[str, Any], timeout: float) -> http.client.HTTPResponse:
+@contextlib.contextmanager
+def _post(url: str, path: str, body: dict[str, Any], timeout: float) -> Iterator[HTTPResponse]:
+    """The response to a POST (a :class:`ServingError` unless 200); the connection is closed
+    on leaving, an error or not."""
     host, port = _split(url)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise ServingError(f"HTTP {resp.status}: {_error_text(resp.read())}")
-    return resp
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ServingError(f"HTTP {resp.status}: {_error_text(resp.read())}")
+        yield resp
+    finally:
+        conn.close()
 
 
 def _error_text(raw: bytes) -> str:
@@ -98,7 +106,8 @@ def http_generate(
     """One request to ``/v2/models/MODEL/generate`` (one final response)."""
     start = time.perf_counter()
     body = request_body(prompt, max_tokens, False, **params)
-    data = json.loads(_post(url, f"/v2/models/{model}/generate", body, timeout).read())
+    with _post(url, f"/v2/models/{model}/generate", body, timeout) as resp:
+        data = json.loads(resp.read())
     out = Generation()
     out.add(
         str(data.get("text_output", "")), _ids(data.get("token_ids")), time.perf_counter() - start
@@ -131,12 +140,9 @@ def http_generate_stream(
     """``/v2/models/MODEL/generate_stream`` with ``stream`` true: (text, token ids) per
     response, as they arrive (closing the iterator drops the connection)."""
     body = request_body(prompt, max_tokens, True, **params)
-    resp = _post(url, f"/v2/models/{model}/generate_stream", body, timeout)
-    try:
+    with _post(url, f"/v2/models/{model}/generate_stream", body, timeout) as resp:
         for event in sse_events(resp):
             yield str(event.get("text_output", "")), _ids(event.get("token_ids"))
-    finally:
-        resp.close()
 
 
 def http_stream_generation(
@@ -209,7 +215,10 @@ def grpc_stream(
             enable_empty_final_response=True,
         )
         while True:
-            result, error = events.get(timeout=timeout)
+            try:
+                result, error = events.get(timeout=timeout)
+            except queue.Empty:
+                raise ServingError(f"no response from {url} within {timeout:g} s") from None
             if error is not None:
                 raise ServingError(str(error))
             response = result.get_response()
@@ -260,5 +269,10 @@ def generate(
     if protocol == "http-stream":
         return http_stream_generation(url, model, prompt, max_tokens, **params)
     if protocol == "grpc-stream":
-        return grpc_generate(grpc_url or url, model, prompt, max_tokens, True, **params)
+        if not grpc_url:
+            raise LpDeployError(
+                "protocol 'grpc-stream' needs the server's gRPC address (grpc_url / --grpc-url, "
+                "e.g. 127.0.0.1:8001): the HTTP url does not speak gRPC"
+            )
+        return grpc_generate(grpc_url, model, prompt, max_tokens, True, **params)
     raise LpDeployError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
