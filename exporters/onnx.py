@@ -348,10 +348,11 @@ def _file_op_counts(onnx: Any, path: Path) -> Counter[str]:
 
 
 def validation_ids(
-    tokenizer: PreTrainedTokenizerBase, spec: str | None, n: int
+    tokenizer: PreTrainedTokenizerBase, spec: str | None, n: int, repeat: bool = True
 ) -> tuple[torch.Tensor, str]:
     """At least ``n`` token ids of real text: ``spec``, else wikitext-2 test, else a fixed
-    English paragraph (repeated as needed)."""
+    English paragraph (repeated as needed; with ``repeat=False`` at most ``n``, never
+    repeated)."""
     try:
         path = data_file(spec or VALIDATION_TEXT)
         text, name = path.read_text(encoding="utf-8")[: max(20_000, 40 * n)], str(path)
@@ -362,6 +363,8 @@ def validation_ids(
     ids = tokenize_text(tokenizer, text)
     if ids.numel() == 0:
         raise LpDeployError(f"validation text {name} has no tokens")
+    if not repeat:
+        return ids[:n], name
     reps = -(-n // ids.numel())
     return ids.repeat(reps)[:n], name
 

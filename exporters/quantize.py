@@ -142,6 +142,9 @@ class QuantReport:
     validation: QuantValidation | None = None
     #: group -> relative perplexity increase when only that group is quantized (the scan)
     sensitivity: dict[str, float] | None = None
+    #: the scan's text: ``text``, ``windows`` x ``seqlen`` tokens from ``first_token`` on
+    #: (right after the validation windows, never overlapping them)
+    scan_data: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- the graph
@@ -382,17 +385,39 @@ def weight_group(module: str) -> str:
     return module
 
 
-def sensitivity_scan(
-    src: Path, cfg: QuantizeConfig, tokenizer: PreTrainedTokenizerBase, skip: set[str]
-) -> dict[str, float]:
-    """Relative perplexity increase when only one group is quantized, for every group
-    (``cfg.scan_windows`` windows of the validation text); ``skip``: nodes kept in fp32."""
+def scan_ids(
+    tokenizer: PreTrainedTokenizerBase, cfg: QuantizeConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The scan's windows: the ``cfg.scan_windows`` windows of the validation text right after
+    the validation windows (the exclusions are not tuned on the text that decides pass/fail),
+    and a record of them; an error when the text is too short to hold both."""
     from lp_deploy.exporters.onnx import validation_ids
 
+    start = cfg.windows * cfg.seqlen
+    need = start + cfg.scan_windows * cfg.seqlen
+    ids, name = validation_ids(tokenizer, cfg.text, need, repeat=False)
+    if ids.numel() < need:
+        raise LpDeployError(
+            f"--auto-exclude scans {cfg.scan_windows} windows of {cfg.seqlen} tokens after the "
+            f"{cfg.windows} validation windows: {need} tokens in all, but {name} has "
+            f"{ids.numel()}; give a longer --text or fewer --quant-windows"
+        )
+    record = {"text": name, "windows": cfg.scan_windows, "seqlen": cfg.seqlen}
+    return ids[start:].reshape(cfg.scan_windows, cfg.seqlen), {**record, "first_token": start}
+
+
+def scan_groups(weights: dict[str, str], skip: set[str]) -> list[str]:
+    """The scan's groups: those with a weight not already kept in fp32."""
+    return sorted({weight_group(m) for n, m in weights.items() if n not in skip})
+
+
+def sensitivity_scan(
+    src: Path, cfg: QuantizeConfig, windows: torch.Tensor, skip: set[str]
+) -> dict[str, float]:
+    """Relative perplexity increase when only one group is quantized, for every group, over
+    ``windows`` (:func:`scan_ids`); ``skip``: nodes kept in fp32."""
     weights = matmul_weights(_load(src))
-    groups = sorted({weight_group(m) for n, m in weights.items() if n not in skip})
-    ids, _ = validation_ids(tokenizer, cfg.text, cfg.scan_windows * cfg.seqlen)
-    windows = ids.reshape(cfg.scan_windows, cfg.seqlen)
+    groups = scan_groups(weights, skip)
     reference = ort_logits_fn(src)
     base = math.exp(
         sum(window_nll(reference(w[None]), w[None])[0] for w in windows)
@@ -446,6 +471,14 @@ def quantize_export(
         shutil.rmtree(ref_dir, ignore_errors=True)
 
 
+def _check_auto_exclude(cfg: QuantizeConfig, groups: list[str]) -> None:
+    if cfg.auto_exclude > len(groups):
+        raise LpDeployError(
+            f"--auto-exclude {cfg.auto_exclude} is more than the {len(groups)} groups that "
+            f"can be quantized ({', '.join(groups)}); choose at most {len(groups)}"
+        )
+
+
 def _quantize_and_check(
     ref_dir: Path,
     tmp: Path,
@@ -458,9 +491,12 @@ def _quantize_and_check(
     excluded = excluded_nodes(weights, cfg.exclude)
     seconds: dict[str, float] = {}
     sensitivity = None
+    scan_data = None
     if cfg.auto_exclude:
         t0 = time.perf_counter()
-        sensitivity = sensitivity_scan(src, cfg, tokenizer, set(excluded))
+        _check_auto_exclude(cfg, scan_groups(weights, set(excluded)))
+        windows, scan_data = scan_ids(tokenizer, cfg)
+        sensitivity = sensitivity_scan(src, cfg, windows, set(excluded))
         chosen = set(most_sensitive(sensitivity, cfg.auto_exclude))
         excluded.update({n: m for n, m in weights.items() if weight_group(m) in chosen})
         seconds["sensitivity_scan"] = time.perf_counter() - t0
@@ -478,6 +514,7 @@ def _quantize_and_check(
         fp32_bytes=_bytes(ref_dir),
         onnx_bytes=_bytes(tmp),
         sensitivity=sensitivity,
+        scan_data=scan_data,
     )
     if validate:
         t0 = time.perf_counter()

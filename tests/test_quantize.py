@@ -138,10 +138,28 @@ def test_int4_with_exclusions(fp32_export: Path, text: Path, tmp_path: Path) -> 
 
 
 def test_auto_exclude_keeps_the_most_sensitive_group(
-    fp32_export: Path, text: Path, tmp_path: Path
+    fp32_export: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The scan runs on windows after the validation windows (recorded), never on them."""
+    seen: dict[str, set[tuple[int, ...]]] = {"scan": set(), "validate": set()}
+    phase = ["scan"]
+    logits_fn, validate = quantize.ort_logits_fn, quantize.validate_quantized
+
+    def recording(path: Path, threads: int | None = None) -> quantize.LogitsFn:
+        fn = logits_fn(path, threads)
+        return lambda ids: seen[phase[0]].add(tuple(ids[0].tolist())) or fn(ids)
+
+    def validating(*args: Any) -> quantize.QuantValidation:
+        phase[0] = "validate"
+        return validate(*args)
+
+    monkeypatch.setattr(quantize, "ort_logits_fn", recording)
+    monkeypatch.setattr(quantize, "validate_quantized", validating)
     cfg = quant_config(text, mode="int4", block_size=32, auto_exclude=1, scan_windows=1)
     out, q = quantized_copy(fp32_export, tmp_path / "auto", cfg)
+    assert len(seen["scan"]) == 1 and len(seen["validate"]) == 4
+    assert not seen["scan"] & seen["validate"]
+    assert q.scan_data == {"text": str(text), "windows": 1, "seqlen": 64, "first_token": 4 * 64}
     assert q.sensitivity is not None
     assert set(q.sensitivity) == {"model.layers.0", "model.layers.1", "lm_head"}
     worst = max(q.sensitivity, key=lambda g: q.sensitivity[g])  # type: ignore[index]
@@ -149,6 +167,19 @@ def test_auto_exclude_keeps_the_most_sensitive_group(
     kept = set(quantize.matmul_weights(onnx.load(str(out / "model.onnx"))).values())
     assert kept == set(q.excluded)
     assert q.quantized == 15 - len(q.excluded)
+
+
+def test_auto_exclude_beyond_the_groups_or_the_text_is_refused(
+    fp32_export: Path, text: Path, tmp_path: Path
+) -> None:
+    cfg = quant_config(text, mode="int8", auto_exclude=4)
+    with pytest.raises(LpDeployError, match="--auto-exclude 4 is more than the 3 groups"):
+        quantized_copy(fp32_export, tmp_path / "many", cfg)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on the mat .\n" * 20)
+    cfg = quant_config(short, mode="int8", auto_exclude=1)
+    with pytest.raises(LpDeployError, match=r"384 tokens in all, but .*short\.txt has 140"):
+        quantized_copy(fp32_export, tmp_path / "short", cfg)
 
 
 def test_failed_validation_leaves_nothing(
