@@ -45,7 +45,8 @@ ACCURACY_LEVELS = (0, 4)
 #: (max relative perplexity increase, min greedy-token agreement) per mode
 DEFAULT_LIMITS: dict[str, tuple[float, float]] = {"int8": (0.05, 0.80), "int4": (0.10, 0.80)}
 #: weights lp-deploy itself adds that must stay exact (the online Hadamard transform)
-ALWAYS_EXCLUDED = ("*.online_hadamard",)
+#: (its module from the name scopes, or its initializer's name when a MatMul has none)
+ALWAYS_EXCLUDED = ("*.online_hadamard", "*.online_hadamard.*")
 #: the export traces a wrapper whose ``model`` attribute is the Hugging Face model
 WRAPPER_PREFIX = "model."
 REFERENCE_DIR = ".fp32-reference"

@@ -233,7 +233,11 @@ def test_exclusion_patterns() -> None:
     assert set(quantize.excluded_nodes(weights, ["down_proj"])) == {"n0", "n1", "n4"}
     assert set(quantize.excluded_nodes(weights, ["layers.1.*"])) == {"n1", "n2", "n4"}
     assert set(quantize.excluded_nodes(weights, ["lm_head"])) == {"n3", "n4"}
-    assert set(quantize.excluded_nodes(weights, [])) == {"n4"}  # the exact transform, always
+    # a MatMul without name scopes (e.g. rewritten by --optimize) is owned by its initializer
+    node = onnx.helper.make_node("MatMul", ["x", "l.0.mlp.down_proj.online_hadamard.cols"], ["y"])
+    weights["n5"] = quantize.weight_owner(node, node.input[1])
+    assert weights["n5"] == "l.0.mlp.down_proj.online_hadamard.cols"
+    assert set(quantize.excluded_nodes(weights, [])) == {"n4", "n5"}  # exact transforms, always
 
 
 def test_cli_int4_export(

@@ -110,16 +110,18 @@ def test_online_hadamard_exports_exactly_and_stays_fp32_when_quantized(
     from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report
     from lp_deploy.exporters.quantize import QuantizeConfig
 
-    q = QuantizeConfig(
-        "int8", text=str(text_file), windows=2, seqlen=64, max_ppl_increase=0.5, min_agreement=0.2
-    )
-    cfg = OnnxExportConfig(
-        model=str(rotated_dir), out=tmp_path / "int8", decode_steps=1, quantize=q
-    )
-    out = export_onnx(cfg).out
-    report = read_report(out)
-    assert report["validation"]["passed"]  # fp32 graph with the transform vs PyTorch: 1e-3
-    assert report["quantization"]["quantized"] == 3 * 7 + 1
-    model = onnx.load(str(out / "model.onnx"))
-    kept = sorted(set(quantize.matmul_weights(model).values()))
-    assert kept == [f"model.layers.{i}.mlp.down_proj.online_hadamard" for i in range(3)]
+    fp32 = export_onnx(
+        OnnxExportConfig(model=str(rotated_dir), out=tmp_path / "fp32", decode_steps=1)
+    ).out
+    assert read_report(fp32)["validation"]["passed"]  # with the transform vs PyTorch: 1e-3
+    hadamard = [f"model.layers.{i}.mlp.down_proj.online_hadamard" for i in range(3)]
+    for mode in ("int8", "int4"):  # the fp32 export quantized as it is (no new trace)
+        q = QuantizeConfig(
+            mode, text=str(text_file), windows=2, seqlen=64, max_ppl_increase=0.5, min_agreement=0.2
+        )
+        out = export_onnx(OnnxExportConfig(model=str(fp32), out=tmp_path / mode, quantize=q)).out
+        report = read_report(out)
+        assert report["quantization"]["validation"]["passed"], mode
+        assert report["quantization"]["quantized"] == 3 * 7 + 1, mode
+        kept = sorted(set(quantize.matmul_weights(onnx.load(str(out / "model.onnx"))).values()))
+        assert kept == hadamard, mode
