@@ -20,7 +20,8 @@ Source export: `{export}`.
 {trt_row}
 `{gen}` inputs: `text_input` (BYTES), optional `max_tokens` (INT32, default {max_tokens}),
 `stream` (BOOL), `temperature`, `top_p` (FP32), `top_k` (INT32), `seed` (UINT64), `stop`
-(BYTES, stop strings). Greedy unless `temperature`, `top_k` or `top_p` is given. Outputs:
+(BYTES, stop strings: the text ends where one begins). Greedy unless `temperature`, `top_k`
+or `top_p` is given; `temperature` 0 is greedy whatever `top_k` and `top_p` say. Outputs:
 `text_output` (the continuation without the prompt; per token when streaming) and `token_ids`
 (INT32).
 
