@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy.artifacts import ONNX_DATA_FILE, ONNX_FILE
 from lp_deploy.errors import LpDeployError, VerificationError
-from lp_deploy.perplexity import window_nll
+from lp_deploy.perplexity import LogitsFn, perplexity_of, window_nll
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,6 @@ def count_quantized(path: Path) -> int:
 
 # --------------------------------------------------------------------------- validation
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-
 
 def ort_logits_fn(path: Path, threads: int | None = None) -> LogitsFn:
     """Logits of a KV-cache graph for whole windows (empty past), one ORT session."""
@@ -419,11 +417,7 @@ def sensitivity_scan(
     ``windows`` (:func:`scan_ids`); ``skip``: nodes kept in fp32."""
     weights = matmul_weights(_load(src))
     groups = scan_groups(weights, skip)
-    reference = ort_logits_fn(src)
-    base = math.exp(
-        sum(window_nll(reference(w[None]), w[None])[0] for w in windows)
-        / (windows.numel() - len(windows))
-    )
+    base = perplexity_of(ort_logits_fn(src), windows, progress=False)
     work = src.parent / ".scan"
     work.mkdir(exist_ok=True)
     result: dict[str, float] = {}
@@ -431,9 +425,8 @@ def sensitivity_scan(
         for group in groups:
             others = [n for n, m in weights.items() if weight_group(m) != group or n in skip]
             quantize_file(src, work / ONNX_FILE, cfg, sorted(others))
-            fn = ort_logits_fn(work / ONNX_FILE)
-            nll = sum(window_nll(fn(w[None]), w[None])[0] for w in windows)
-            result[group] = math.exp(nll / (windows.numel() - len(windows))) / base - 1
+            ppl = perplexity_of(ort_logits_fn(work / ONNX_FILE), windows, progress=False)
+            result[group] = ppl / base - 1
             log.info("sensitivity %s: %+.2f%%", group, 100 * result[group])
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,6 +17,7 @@ from lp_deploy.errors import LpDeployError, VerificationError
 from lp_deploy.exporters import quantize
 from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report
 from lp_deploy.exporters.quantize import QuantizeConfig, QuantReport, quantize_export
+from lp_deploy.perplexity import LogitsFn
 
 # random tiny models have near-flat logits (perplexity ~500 over 128 words): loose limits
 LIMITS = {"max_ppl_increase": 0.5, "min_agreement": 0.2}
@@ -145,7 +146,7 @@ def test_auto_exclude_keeps_the_most_sensitive_group(
     phase = ["scan"]
     logits_fn, validate = quantize.ort_logits_fn, quantize.validate_quantized
 
-    def recording(path: Path, threads: int | None = None) -> quantize.LogitsFn:
+    def recording(path: Path, threads: int | None = None) -> LogitsFn:
         fn = logits_fn(path, threads)
         return lambda ids: seen[phase[0]].add(tuple(ids[0].tolist())) or fn(ids)
 
