@@ -43,6 +43,7 @@ from lp_deploy.benchmarks.qa import (
     Request,
     TaskResult,
     evaluate_tasks,
+    paired_differences,
     retained_performance,
 )
 from lp_deploy.data import data_file
@@ -352,6 +353,19 @@ def _retained(
     }
 
 
+def _paired(results: dict[str, dict[str, TaskResult]]) -> dict[str, dict[str, Any]]:
+    """Per model, per other model: the paired difference (acc) on the same questions, per
+    task and pooled (``"all"``)."""
+    return {
+        name: {
+            other: {t: asdict(d) for t, d in paired_differences(res, ores).items()}
+            for other, ores in results.items()
+            if other != name
+        }
+        for name, res in results.items()
+    }
+
+
 # --------------------------------------------------------------------------- latency
 
 
@@ -571,6 +585,8 @@ def _evaluate_all(
     baseline = block["baseline"]
     for name, rp in _retained({k: v for k, v in results.items() if v}, baseline).items():
         block["models"][name]["rp"] = rp
+    for name, paired in _paired({k: v for k, v in results.items() if v}).items():
+        block["models"][name]["paired"] = paired
     base_ppl = block["models"][baseline].get("perplexity")
     for entry in block["models"].values():
         if base_ppl and entry.get("perplexity") is not None:

@@ -30,7 +30,7 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +74,11 @@ class Example:
 
 @dataclass
 class TaskResult:
-    """Accuracy of one task; stderr is the sample standard error of the mean."""
+    """Accuracy of one task; stderr is the sample standard error of the mean.
+
+    ``correct`` / ``correct_norm``: per question (in task order), 1 if answered right; they
+    give paired differences between models on the same questions (:func:`paired_difference`).
+    """
 
     task: str
     n: int
@@ -82,6 +86,8 @@ class TaskResult:
     acc_norm: float | None
     acc_stderr: float
     acc_norm_stderr: float | None
+    correct: list[int] = field(default_factory=list)
+    correct_norm: list[int] | None = None
 
 
 DataDir = str | Path | None  # None: the default data dir
@@ -343,7 +349,60 @@ def score_examples(name: str, examples: Sequence[Example], lls: Sequence[float])
         acc_norm=(sum(norm) / len(norm) if norm else math.nan) if has_norm else None,
         acc_stderr=_mean_stderr(acc),
         acc_norm_stderr=_mean_stderr(norm) if has_norm else None,
+        correct=[int(a) for a in acc],
+        correct_norm=[int(a) for a in norm] if has_norm else None,
     )
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of ``a_i - b_i`` over the same questions, its standard error, and whether it is
+    beyond ``z`` standard errors from 0 (two-sided 95% by default)."""
+
+    diff: float
+    stderr: float
+    n: int
+    significant: bool
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> PairedDifference:
+    """Paired difference of two models' per-question scores (same questions, same order).
+
+    The standard error is that of the mean of the per-question differences (sample std,
+    n - 1), which accounts for the two models' correlation on the same questions.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired difference needs the same questions: {len(a)} vs {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    diff = sum(d) / len(d) if d else math.nan
+    se = _mean_stderr(d)
+    significant = bool(se > 0 and abs(diff) > z * se) or bool(se == 0 and diff != 0)
+    return PairedDifference(diff, se, len(d), significant)
+
+
+def paired_differences(
+    candidate: Mapping[str, TaskResult], other: Mapping[str, TaskResult], metric: Metric = "acc"
+) -> dict[str, PairedDifference]:
+    """Per common task (with per-question results), plus ``"all"``: every question of those
+    tasks pooled (equal weight per question)."""
+    out: dict[str, PairedDifference] = {}
+    pooled_a: list[int] = []
+    pooled_b: list[int] = []
+    for task in (t for t in other if t in candidate):
+        a, b = _per_question(candidate[task], metric), _per_question(other[task], metric)
+        if a and len(a) == len(b):
+            out[task] = paired_difference(a, b)
+            pooled_a += a
+            pooled_b += b
+    if pooled_a:
+        out["all"] = paired_difference(pooled_a, pooled_b)
+    return out
+
+
+def _per_question(result: TaskResult, metric: Metric) -> list[int]:
+    if metric == "acc_norm" and result.correct_norm is not None:
+        return result.correct_norm
+    return result.correct
 
 
 def evaluate_task(

@@ -169,9 +169,66 @@ def _md_runtimes(result: dict[str, Any]) -> list[str]:
     return ["## Runtimes", "", *_table(["runtime", "status", "notes"], rows)]
 
 
+def _pm(value: float | None, stderr: float | None) -> str:
+    """``value ± stderr`` (the stderr left out when unknown)."""
+    if stderr is None or not math.isfinite(stderr):
+        return _num(value)
+    return f"{_num(value)} ± {_num(stderr)}"
+
+
 def _acc_cell(task: dict[str, Any]) -> str:
-    cell = _num(task["acc"])
+    cell = _pm(task["acc"], task.get("acc_stderr"))
     return cell + (f" ({_num(task['acc_norm'])})" if task.get("acc_norm") is not None else "")
+
+
+def average_accuracy(tasks: dict[str, dict[str, Any]]) -> tuple[float, float | None]:
+    """Mean acc over tasks (equal weight per task) and its standard error (tasks independent:
+    ``sqrt(sum se_t^2) / T``)."""
+    accs = [t["acc"] for t in tasks.values()]
+    ses = [t.get("acc_stderr") for t in tasks.values()]
+    mean = sum(accs) / len(accs)
+    if any(se is None or not math.isfinite(se) for se in ses):
+        return mean, None
+    return mean, math.sqrt(sum(float(se) ** 2 for se in ses if se is not None)) / len(ses)
+
+
+def _diff_cell(d: dict[str, Any] | None) -> str:
+    """``+0.012 ± 0.005*`` (``*``: beyond 1.96 standard errors)."""
+    if not d:
+        return "–"
+    star = "*" if d.get("significant") else ""
+    return f"{d['diff']:+.3f} ± {_num(d['stderr'])}{star}"
+
+
+def _md_paired_runtime(runtime: str, block: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    models = [n for n, e in block["models"].items() if e.get("paired")]
+    if len(models) < 2:
+        return []
+    base = block["baseline"]
+    tasks = list(block["models"][models[0]]["tasks"])
+    pairs = [(n, base) for n in models if n != base]
+    cands = [n for n in models if n != base]
+    pairs += [(a, b) for i, a in enumerate(cands) for b in cands[i + 1 :]]
+    rows = []
+    for a, b in pairs:
+        diffs = block["models"][a]["paired"].get(b, {})
+        label = f"{_label(result, a)} − {_label(result, b)}"
+        rows.append([label, *[_diff_cell(diffs.get(t)) for t in [*tasks, "all"]]])
+    return [f"### {runtime}", "", *_table(["pair", *tasks, "all questions"], rows)]
+
+
+def _md_paired(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for runtime, block in _ok_runtimes(result):
+        lines += _md_paired_runtime(runtime, block, result)
+    if not lines:
+        return []
+    intro = (
+        "Paired difference in acc on the same questions (mean of per-question differences ± "
+        "its standard error); `*`: beyond 1.96 standard errors, i.e. a difference the data "
+        "supports at about 95%. Without `*` the two models cannot be told apart here."
+    )
+    return ["## Paired differences", "", intro, "", *lines]
 
 
 def _rp(block: dict[str, Any], name: str, key: str, metric: str = "acc") -> float | None:
@@ -196,8 +253,7 @@ def _md_accuracy_runtime(runtime: str, block: dict[str, Any], result: dict[str, 
         rows.append(row)
     avg = ["**average**", ""]
     for n in models:
-        accs = [t["acc"] for t in block["models"][n]["tasks"].values()]
-        avg.append(_num(sum(accs) / len(accs)))
+        avg.append(_pm(*average_accuracy(block["models"][n]["tasks"])))
     avg += [f"**{_num(_rp(block, n, 'average'))}**" for n in cands]
     rows.append(avg)
     notes = [
@@ -220,7 +276,8 @@ def _md_accuracy(result: dict[str, Any]) -> list[str]:
     if not lines:
         return []
     intro = (
-        "acc (acc_norm in parentheses where lm-eval defines it). RP = candidate / baseline "
+        "acc ± standard error (acc_norm in parentheses where lm-eval defines it). "
+        "RP = candidate / baseline "
         "acc per task; the average is mean candidate acc / mean baseline acc."
     )
     return ["## Accuracy", "", intro, "", *lines]
@@ -340,6 +397,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         _md_models,
         _md_runtimes,
         _md_accuracy,
+        _md_paired,
         _md_perplexity,
         _md_latency,
         _md_memory,
@@ -364,15 +422,25 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finite(values: list[float | None]) -> list[float]:
+    return [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+
+
 def _bars(
-    ax: Any, groups: list[str], series: dict[str, list[float | None]], digits: int = 2
+    ax: Any,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    digits: int = 2,
+    errors: dict[str, list[float | None]] | None = None,
 ) -> None:
-    """Grouped bars: one group per x label, one bar per series; values written above."""
+    """Grouped bars: one group per x label, one bar per series; values written above;
+    ``errors``: standard errors per series, drawn as error bars."""
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        ys = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-        bars = ax.bar(xs, ys, width, label=label)
+        ys = _finite(values)
+        yerr = _finite((errors or {}).get(label) or [None] * len(values))
+        bars = ax.bar(xs, ys, width, label=label, yerr=yerr if any(yerr) else None, capsize=2)
         ax.bar_label(bars, labels=[_num(v, digits) for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
@@ -404,14 +472,17 @@ def _plot_qa(ax: Any, runtime: str, block: dict[str, Any], result: dict[str, Any
     models = [n for n, e in block["models"].items() if e.get("tasks")]
     tasks = list(block["models"][models[0]]["tasks"])
     series: dict[str, list[float | None]] = {}
+    errors: dict[str, list[float | None]] = {}
     for n in models:
-        accs = [block["models"][n]["tasks"][t]["acc"] for t in tasks]
+        entries = block["models"][n]["tasks"]
         rp = _rp(block, n, "average")
         label = _label(result, n) + ("" if n == block["baseline"] else f"  RP {_num(rp)}")
-        series[label] = [*accs, sum(accs) / len(accs)]
-    _bars(ax, [*tasks, "average"], series)
+        mean, mean_se = average_accuracy(entries)
+        series[label] = [*[entries[t]["acc"] for t in tasks], mean]
+        errors[label] = [*[entries[t].get("acc_stderr") for t in tasks], mean_se]
+    _bars(ax, [*tasks, "average"], series, errors=errors)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (acc)")
+    ax.set_ylabel("accuracy (acc; bars: ± 1 standard error)")
     ax.set_title(f"QA accuracy, {runtime} (n={block['models'][models[0]]['tasks'][tasks[0]]['n']})")
     _legend_below(ax)
     ax.grid(axis="y", alpha=0.3)

@@ -276,11 +276,100 @@ class Runtime(ABC):
         return ctx, whole[len(ctx) :]
 
     def loglikelihood(
-        self, requests: Sequence[tuple[str, str]], batch_size: int = 1
+        self,
+        requests: Sequence[tuple[str, str]],
+        batch_size: int = 1,
+        shared_context: bool = True,
     ) -> list[tuple[float, bool]]:
-        """Sum of log p(continuation tokens | context) and whether each is the argmax."""
+        """Sum of log p(continuation tokens | context) and whether each is the argmax.
+
+        ``shared_context``: requests with the same context (the choices of a multiple-choice
+        item) run the context once and only their continuations on its KV cache
+        (:meth:`loglikelihood_shared`); the others are scored whole, ``batch_size`` at a time.
+        """
         pairs = [self.encode_pair(c, x) for c, x in requests]
+        if shared_context:
+            return self.loglikelihood_shared(pairs, batch_size)
         return self.loglikelihood_tokens(pairs, batch_size)
+
+    def loglikelihood_shared(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 1
+    ) -> list[tuple[float, bool]]:
+        """:meth:`loglikelihood_tokens`, but runs of consecutive pairs with the same context
+        ids (and no truncation) share one forward pass of the context: its KV cache is then
+        repeated for the continuations, scored ``batch_size`` at a time (right-padded)."""
+        results: dict[int, tuple[float, bool]] = {}
+        singles: list[int] = []
+        for group in self._context_groups(pairs):
+            if len(group) < 2:
+                singles += group
+                continue
+            scored = self._score_shared(
+                pairs[group[0]][0], [pairs[i][1] for i in group], batch_size
+            )
+            results.update(zip(group, scored, strict=True))
+        if singles:
+            plain = self.loglikelihood_tokens([pairs[i] for i in singles], batch_size)
+            results.update(zip(singles, plain, strict=True))
+        return [results[i] for i in range(len(pairs))]
+
+    def _context_groups(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[list[int]]:
+        """Indices of consecutive pairs with equal context ids (a pair that would be
+        truncated to the context window, or has an empty side, stays alone)."""
+        groups: list[list[int]] = []
+        previous: tuple[int, ...] | None = None
+        for i, (ctx, cont) in enumerate(pairs):
+            fits = len(ctx) > 0 and len(cont) > 0 and len(ctx) + len(cont) <= self.max_length + 1
+            key = tuple(ctx) if fits else None
+            if key is not None and key == previous:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+            previous = key
+        return groups
+
+    def _score_shared(
+        self, ctx: Sequence[int], conts: Sequence[Sequence[int]], batch_size: int
+    ) -> list[tuple[float, bool]]:
+        n = len(ctx)
+        logits, past = self.forward(
+            torch.tensor([list(ctx)]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
+        )
+        first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # predicts each cont[0]
+        out: list[tuple[float, bool]] = []
+        for start in range(0, len(conts), batch_size):
+            out += self._score_continuations(first, past, n, conts[start : start + batch_size])
+        return out
+
+    def _score_continuations(
+        self, first: torch.Tensor, past: Past, n: int, conts: Sequence[Sequence[int]]
+    ) -> list[tuple[float, bool]]:
+        """Continuations after an ``n``-token context whose KV cache is ``past`` (batch 1):
+        ``first`` scores each first token; one batched forward of ``cont[:-1]`` the rest."""
+        top = int(first.argmax())
+        lps = [float(first[c[0]]) for c in conts]
+        greedy = [top == c[0] for c in conts]
+        if all(len(c) < 2 for c in conts):
+            return list(zip(lps, greedy, strict=True))
+        k = len(conts)
+        ids, mask, _ = pad_batch([list(c[:-1]) for c in conts], 0, "right")
+        mask = torch.cat([torch.ones(k, n, dtype=torch.long), mask], dim=1)
+        positions = (n + torch.arange(ids.shape[1]))[None].expand(k, -1)
+        repeated = [(key.expand(k, -1, -1, -1), value.expand(k, -1, -1, -1)) for key, value in past]
+        logits, _ = self.forward(
+            ids, mask, positions, [(a.contiguous(), b.contiguous()) for a, b in repeated]
+        )
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for i, c in enumerate(conts):
+            if len(c) < 2:
+                continue
+            rows = logprobs[i, : len(c) - 1]
+            target = torch.tensor(list(c[1:]), device=rows.device)
+            lps[i] += float(rows.gather(-1, target[:, None]).sum())
+            greedy[i] = greedy[i] and bool((rows.argmax(-1) == target).all())
+        return list(zip(lps, greedy, strict=True))
 
     def loglikelihood_tokens(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 1

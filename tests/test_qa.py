@@ -305,7 +305,7 @@ def test_evaluate_task_on_a_small_copy(tmp_path: Path, capsys: pytest.CaptureFix
         return [-1.0, -2.0] * 3  # always choice 0
 
     result = qa.evaluate_task("copa", fn, tmp_path, progress=False)
-    assert result == TaskResult("copa", 3, 1 / 3, None, pytest.approx(1 / 3), None)
+    assert result == TaskResult("copa", 3, 1 / 3, None, pytest.approx(1 / 3), None, [1, 0, 0])
     assert seen[2] == Request("It rained because", "  a")
     assert capsys.readouterr().err == ""
 
@@ -357,3 +357,23 @@ def test_retained_performance() -> None:
     assert norm["average"] == pytest.approx(0.7 / 1.2)
     with pytest.raises(ValueError, match="no task in common"):
         qa.retained_performance({"boolq": _result("boolq", 0.9)}, baseline)
+
+
+def test_paired_difference_on_the_same_questions() -> None:
+    a = [1, 1, 0, 1, 0, 1, 1, 1]
+    b = [1, 0, 0, 1, 0, 0, 1, 0]
+    d = qa.paired_difference(a, b)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(diffs) / 8
+    se = (sum((x - mean) ** 2 for x in diffs) / 7) ** 0.5 / 8**0.5
+    assert d.n == 8 and d.diff == pytest.approx(mean) and d.stderr == pytest.approx(se)
+    assert d.significant == (abs(mean) > 1.96 * se)
+    assert not qa.paired_difference(a, a).significant and qa.paired_difference(a, a).diff == 0
+    with pytest.raises(ValueError, match="same questions"):
+        qa.paired_difference(a, b[:-1])
+    ex = [_mc("c", ["x", "y"], 0)] * 8
+    ra = qa.score_examples("copa", ex, [v for x in a for v in ((0.0, -1.0) if x else (-1.0, 0.0))])
+    rb = qa.score_examples("copa", ex, [v for x in b for v in ((0.0, -1.0) if x else (-1.0, 0.0))])
+    assert ra.correct == a and rb.correct == b
+    both = qa.paired_differences({"copa": ra}, {"copa": rb})
+    assert both["copa"] == both["all"] == d

@@ -157,9 +157,10 @@ def test_markdown_tables() -> None:
     md = render_markdown(clean_json(synthetic_result()))
     assert md.startswith("# lp-deploy bench")
     assert "| tensorrt | skipped | TensorRT is not installed |" in md
-    assert "| copa | 10 | 0.600 | 0.500 | 0.800 |" in md  # baseline, candidate, RP
-    assert "| arc_easy | 10 | 0.300 (0.200) | 0.250 (0.167) | – |" in md  # NaN RP -> dash
-    assert "| **average** |  | 0.450 | 0.375 | **0.800** |" in md
+    assert "| copa | 10 | 0.600 ± 0.100 | 0.500 ± 0.100 | 0.800 |" in md  # base, cand, RP
+    assert "| arc_easy | 10 | 0.300 ± 0.100 (0.200) | 0.250 ± 0.100 (0.167) | – |" in md
+    # the average's stderr: sqrt(0.1^2 + 0.1^2) / 2 (tasks independent)
+    assert "| **average** |  | 0.450 ± 0.071 | 0.375 ± 0.071 | **0.800** |" in md
     assert "| torch | cand | 25.000 | 1.250 |" in md
     row = "| 64 × 1 | cand | 85.0 / 93.5 | 0.850 | 0.830 | 35.00 / 42.00 | 28.6 | 0.875 | 0.840 |"
     assert row in md
@@ -218,3 +219,17 @@ def test_write_report_leaves_nothing_on_failure(
     with pytest.raises(RuntimeError):
         write_report(synthetic_result(), tmp_path / "rep")
     assert list((tmp_path / "rep").iterdir()) == []
+
+
+def test_paired_differences_table() -> None:
+    """Every candidate against the baseline, with its standard error and a star only where
+    the difference is beyond 1.96 standard errors."""
+    result = synthetic_result()
+    models = result["runtimes"]["torch"]["models"]
+    significant = {"diff": -0.1, "stderr": 0.02, "n": 10, "significant": True}
+    noise = {"diff": 0.05, "stderr": 0.05, "n": 10, "significant": False}
+    models["cand"]["paired"] = {"base": {"copa": significant, "arc_easy": noise, "all": noise}}
+    models["base"]["paired"] = {"cand": {}}
+    md = render_markdown(clean_json(result))
+    assert "## Paired differences" in md
+    assert "| cand − base (baseline) | -0.100 ± 0.020* | +0.050 ± 0.050 | +0.050 ± 0.050 |" in md

@@ -321,3 +321,29 @@ def test_generation_longer_than_the_context_is_refused(
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "at most" in captured.err and "context of 256" in captured.err
+
+
+#: multiple-choice layout: runs of requests with one context (and an empty context)
+MC_REQUESTS = [
+    ("the city of the river was", " built"),
+    ("the city of the river was", " the first school of the north ."),
+    ("the city of the river was", " a"),
+    ("the city of the river was", " old great long high house ."),
+    ("music", " and film"),
+    ("music", " ."),
+    ("the team played", " in the south"),
+    ("", "school game"),
+    ("", "film"),
+]
+SHARED_TOL = 1e-3  # |log-likelihood| difference, cached continuation vs whole sequence (fp32)
+
+
+def test_shared_context_scoring_equals_plain_scoring(runtime: Runtime) -> None:
+    pairs = [runtime.encode_pair(c, x) for c, x in MC_REQUESTS]
+    assert runtime._context_groups(pairs) == [[0, 1, 2, 3], [4, 5], [6], [7, 8]]
+    plain = runtime.loglikelihood(MC_REQUESTS, batch_size=1, shared_context=False)
+    for bs in (1, 2, 8):
+        shared = runtime.loglikelihood(MC_REQUESTS, batch_size=bs)
+        for (lp, greedy), (want_lp, want_greedy) in zip(shared, plain, strict=True):
+            assert lp == pytest.approx(want_lp, abs=SHARED_TOL)
+            assert greedy == want_greedy
