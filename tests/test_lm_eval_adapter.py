@@ -154,7 +154,7 @@ def _compare_with_qa(
 
     def loglikelihood(requests: Sequence[qa.Request]) -> list[float]:
         pairs = [(r.context, r.continuation) for r in requests]
-        lls = [ll for ll, _ in rt.loglikelihood(pairs, batch_size)]
+        lls = [ll for ll, _ in rt.loglikelihood(pairs, batch_size, shared_context=False)]
         qa_lls.extend(lls)
         return lls
 
