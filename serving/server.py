@@ -248,10 +248,9 @@ class TritonServer:
         paths = ["/v2/health/ready", *[f"/v2/models/{m}/ready" for m in self.models]]
         while time.monotonic() < deadline:
             assert self.process is not None
-            if self.process.poll() is not None:
-                raise LpDeployError(
-                    f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
-                )
+            status = _exit_status(self.process.pid)  # not poll(): stop() kills the stubs
+            if status is not None:
+                raise LpDeployError(f"tritonserver exited with code {status}:\n{self.log_tail()}")
             if all(self._get(p) == 200 for p in paths):
                 return
             time.sleep(0.25)
@@ -306,11 +305,18 @@ class TritonServer:
         self.stop()
 
 
+def _exit_status(pid: int) -> int | None:
+    """Our child ``pid``'s exit status (a signal number if killed), None while it runs; it is
+    left unreaped (a zombie keeps its pid and process group from being reused), so only
+    :meth:`TritonServer.stop` reaps it. ChildProcessError once it was reaped."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    return None if info is None else int(info.si_status)
+
+
 def _exited(pid: int, timeout: float) -> bool:
-    """Whether our child ``pid`` exited within ``timeout`` s, left unreaped (a zombie keeps
-    its pid and process group from being reused); ChildProcessError once it was reaped."""
+    """Whether our child ``pid`` exited within ``timeout`` s (left unreaped)."""
     deadline = time.monotonic() + timeout
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+    while _exit_status(pid) is None:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -354,8 +360,8 @@ def serve(cfg: ServerConfig) -> None:
             flush=True,
         )
         assert server.process is not None
-        server.process.wait()
-        raise LpDeployError(f"tritonserver exited with code {server.process.returncode}")
+        info = os.waitid(os.P_PID, server.process.pid, os.WEXITED | os.WNOWAIT)  # not reaped
+        raise LpDeployError(f"tritonserver exited with code {info.si_status if info else '?'}")
     except KeyboardInterrupt:
         print("stopping tritonserver", flush=True)
     finally:

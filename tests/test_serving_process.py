@@ -9,6 +9,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,46 @@ def test_start_does_not_retry_a_port_the_user_gave(
     with pytest.raises(LpDeployError, match="already in use"):
         srv.start()
     assert starts == [taken_port] and srv.process is None
+
+
+# a "tritonserver" that starts a "stub" (holding a file lock while it lives) and dies
+CRASHING = (
+    "import subprocess, sys, os, time\n"
+    "lock = sys.argv[1]\n"
+    'stub = \'import fcntl, time, sys; f = open(sys.argv[1], "w"); '
+    'fcntl.flock(f, fcntl.LOCK_EX); open(sys.argv[1] + ".held", "w").close(); '
+    "time.sleep(120)'\n"
+    "subprocess.Popen([sys.executable, '-c', stub, lock])\n"
+    "while not os.path.exists(lock + '.held'):\n"
+    "    time.sleep(0.01)\n"
+    "sys.exit(3)\n"
+)
+
+
+def test_a_server_dying_at_startup_takes_its_stubs_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    lock = tmp_path / "stub.lock"
+
+    def prepare(self: TritonServer) -> tuple[list[str], dict[str, str]]:
+        self._tmp = tmp_path / "run"
+        self._tmp.mkdir()
+        return [sys.executable, "-c", CRASHING, str(lock)], dict(os.environ)
+
+    monkeypatch.setattr(TritonServer, "_prepare", prepare)
+    srv = TritonServer(ServerConfig(tmp_path, 0, 0, startup_timeout=30))
+    with pytest.raises(LpDeployError, match="exited with code 3"):
+        srv.start()
+    with open(lock) as f:  # the stub's lock is free soon (SIGKILL is asynchronous)
+        for _ in range(100):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                time.sleep(0.05)
+    raise AssertionError("the stub of the dead server still runs")
 
 
 # --------------------------------------------------------------------------- python backend
