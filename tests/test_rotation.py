@@ -104,17 +104,25 @@ def test_fold_cli_rotates_a_dense_model(
     assert rel <= TOL
 
 
+@pytest.mark.parametrize("optimize", [0, pytest.param(2, marks=pytest.mark.heavy)])
 def test_online_hadamard_exports_exactly_and_stays_fp32_when_quantized(
-    rotated_dir: Path, text_file: Path, tmp_path: Path
+    optimize: int, rotated_dir: Path, text_file: Path, tmp_path: Path
 ) -> None:
+    """Also at --optimize 2, where ORT's rewrite drops the name scopes (the transform's MatMul
+    is then known by its initializer, ``...online_hadamard.cols``)."""
     from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report
     from lp_deploy.exporters.quantize import QuantizeConfig
 
     fp32 = export_onnx(
-        OnnxExportConfig(model=str(rotated_dir), out=tmp_path / "fp32", decode_steps=1)
+        OnnxExportConfig(
+            model=str(rotated_dir), out=tmp_path / "fp32", decode_steps=1, optimize=optimize
+        )
     ).out
     assert read_report(fp32)["validation"]["passed"]  # with the transform vs PyTorch: 1e-3
-    hadamard = [f"model.layers.{i}.mlp.down_proj.online_hadamard" for i in range(3)]
+    name = "model.model.layers.{}.mlp.down_proj.online_hadamard.cols" if optimize else ""
+    hadamard = [
+        (name or "model.layers.{}.mlp.down_proj.online_hadamard").format(i) for i in range(3)
+    ]
     for mode in ("int8", "int4"):  # the fp32 export quantized as it is (no new trace)
         q = QuantizeConfig(
             mode, text=str(text_file), windows=2, seqlen=64, max_ppl_increase=0.5, min_agreement=0.2
