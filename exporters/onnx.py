@@ -51,6 +51,7 @@ from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
 from lp_deploy.runtimes.base import DTYPES, Past, positions_from_mask
 from lp_deploy.runtimes.torch_runtime import TorchRuntime, cache_tensors, full_cache
+from lp_deploy.sources import check_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -674,6 +675,7 @@ def _quantize_existing(cfg: OnnxExportConfig, started: float) -> ExportResult:
             f"{src} is not an fp32 export (dtype {report.get('dtype')}, quantization "
             f"{(report.get('quantization') or {}).get('mode')}); quantize the fp32 export"
         )
+    check_tokenizer_files(src)  # else AutoTokenizer may build an empty one from model_type
     check_out(cfg.out, Kind.ONNX, cfg.overwrite)
     out = Path(cfg.out).expanduser()
     with output_dir(out, Kind.ONNX, cfg.overwrite) as tmp:

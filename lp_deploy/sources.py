@@ -124,7 +124,7 @@ def _dir_hashes(path: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
 
 
-def _check_tokenizer_files(location: Path) -> None:
+def check_tokenizer_files(location: Path) -> None:
     if not any((location / f).is_file() for f in TOKENIZER_FILES):
         # AutoTokenizer would fail obscurely, or silently build an empty tokenizer.
         raise ModelSourceError(
@@ -137,7 +137,7 @@ def _load_hf(
     location: Path | str, dtype: torch.dtype, trust_remote_code: bool, name: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if isinstance(location, Path):
-        _check_tokenizer_files(location)
+        check_tokenizer_files(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

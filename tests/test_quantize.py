@@ -183,6 +183,19 @@ def test_auto_exclude_beyond_the_groups_or_the_text_is_refused(
         quantized_copy(fp32_export, tmp_path / "short", cfg)
 
 
+def test_an_export_without_its_tokenizer_is_refused(
+    fp32_export: Path, text: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "notok"
+    shutil.copytree(fp32_export, src)
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    q = quant_config(text, mode="int8")
+    with pytest.raises(LpDeployError, match="has no tokenizer"):
+        export_onnx(OnnxExportConfig(model=str(src), out=tmp_path / "q", quantize=q))
+    assert not (tmp_path / "q").exists()
+
+
 def test_failed_validation_leaves_nothing(
     dense_dir: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
