@@ -1,6 +1,7 @@
 """Quantized ONNX exports, made with ONNX Runtime's own tools and validated on real text.
 
-* ``int8``: :func:`onnxruntime.quantization.quantize_dynamic`: per-channel int8 weights,
+* ``int8``: :func:`onnxruntime.quantization.quantize_dynamic`: int8 weights (per tensor by
+  default, ``per_channel`` on request),
   activations quantized to int8 at run time (``DynamicQuantizeLinear`` + ``MatMulInteger``).
 * ``int4``: ONNX Runtime's ``MatMulNBitsQuantizer``: block-wise 4-bit weights in
   ``MatMulNBits`` (``block_size`` 32/64/128); ``accuracy_level`` 4 also quantizes the
@@ -72,6 +73,10 @@ class QuantizeConfig:
     windows: int = 8
     seqlen: int = 512
     auto_exclude: int = 0  # keep the N most sensitive groups in fp32 (a sensitivity scan)
+    #: int8 per-channel weight scales; off by default: with onnxruntime 1.32 per-channel
+    #: MatMulInteger graphs came out far less accurate than per-tensor ones (SmolLM2:
+    #: perplexity 27.6 -> 1.6e6, greedy agreement 0%), see docs/results/quantization.md
+    per_channel: bool = False
     scan_windows: int = 2  # windows per group of the scan
 
     def check(self) -> None:
@@ -219,13 +224,15 @@ def _load(path: Path) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
-def _quantize_int8(src: Path, dst: Path, exclude: list[str], external: bool) -> None:
+def _quantize_int8(
+    src: Path, dst: Path, exclude: list[str], external: bool, per_channel: bool
+) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         src,
         dst,
-        per_channel=True,
+        per_channel=per_channel,
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
         nodes_to_exclude=exclude,
@@ -257,7 +264,7 @@ def quantize_file(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str])
     external = (src.parent / ONNX_DATA_FILE).is_file()
     with quiet_quantizers():
         if cfg.mode == "int8":
-            _quantize_int8(src, dst, exclude, external)
+            _quantize_int8(src, dst, exclude, external, cfg.per_channel)
             return "onnxruntime.quantization.quantize_dynamic"
         _quantize_int4(src, dst, exclude, external, cfg)
     return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
@@ -502,7 +509,7 @@ def _quantize_and_check(
         tool=tool,
         block_size=cfg.block_size if cfg.mode == "int4" else None,
         accuracy_level=cfg.accuracy_level if cfg.mode == "int4" else None,
-        per_channel=True if cfg.mode == "int8" else None,
+        per_channel=cfg.per_channel if cfg.mode == "int8" else None,
         quantized=count_quantized(dst),
         excluded=sorted(set(excluded.values())),
         fp32_bytes=_bytes(ref_dir),

@@ -326,7 +326,7 @@ def _add_quantize(o: Any) -> None:
         "--quantize",
         default=None,
         metavar="int8|int4",
-        help="int8: dynamic per-channel int8 (ONNX Runtime quantize_dynamic); int4: block-wise "
+        help="int8: dynamic int8 (ONNX Runtime quantize_dynamic); int4: block-wise "
         "4-bit weights (MatMulNBits)",
     )
     o.add_argument("--block-size", type=int, default=32, help="int4: 32, 64 or 128")

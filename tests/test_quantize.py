@@ -97,7 +97,7 @@ def test_int8_graph_keeps_io_and_validates(
     ops = op_counts(out)
     assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == q.quantized == 15
     assert not any(p.name.startswith(".fp32") for p in out.iterdir())
-    assert q.mode == "int8" and q.per_channel is True and q.block_size is None
+    assert q.mode == "int8" and q.per_channel is False and q.block_size is None
     assert q.onnx_bytes < q.fp32_bytes and q.excluded == []
     v = q.validation
     assert v is not None and v.passed and v.windows == 4 and v.seqlen == 64
