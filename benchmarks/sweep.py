@@ -23,8 +23,8 @@ from lp_deploy.fold import fold_model
 from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
 from lp_deploy.perplexity import PerplexitySpec, model_perplexity
-from lp_deploy.pipeline import Calibrated, calibrate
-from lp_deploy.selection import PruningPlan
+from lp_deploy.pipeline import Calibrated, calibrate, check_holdout
+from lp_deploy.selection import SELECTION_METHODS, PruningPlan, check_candidates
 
 #: extra per-model evaluation: (model, tokenizer) -> metrics
 Evaluator = Callable[[nn.Module, Any], dict[str, float]]
@@ -47,6 +47,8 @@ class SweepConfig:
     latency_prompt: int = 64
     latency_tokens: int = 16
     latency_repeats: int = 3
+    candidates: int | None = None  # --select ppl: the K best cosine blocks (None: all)
+    holdout: int = 8  # --select ppl: held-back calibration windows
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SweepPoint:
     layers: int
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    scores: dict[str, Any] = field(default_factory=dict)  # the plan's selection scores
 
 
 FOLD_SUFFIX = "+fold"
@@ -168,17 +171,37 @@ def _point(
     seconds = round(time.perf_counter() - started, 1)
     similarity = plan.scores.get("similarity")
     n = len(plan.removed)
-    return SweepPoint(n, kind, plan.removed, similarity, len(plan.kept), metrics, seconds)
+    return SweepPoint(
+        n, kind, plan.removed, similarity, len(plan.kept), metrics, seconds, dict(plan.scores)
+    )
+
+
+def _plans(cal: Calibrated, cfg: SweepConfig) -> dict[tuple[int, str], PruningPlan]:
+    """The plan of every (n, patch kind): one per n, or, for a method that scores patched
+    blocks (``ppl``), one per n and fitted kind (a kind and its ``+fold`` share it)."""
+    scored = cfg.select in SELECTION_METHODS and SELECTION_METHODS[cfg.select].scores_blocks
+    cache: dict[tuple[int, str | None], PruningPlan] = {}
+    plans = {}
+    for n in cfg.prune:
+        for kind in cfg.patches:
+            base = kind.removesuffix(FOLD_SUFFIX) if scored else None
+            if (n, base) not in cache:
+                cache[(n, base)] = cal.plan(n, cfg.select, base, cfg.candidates)
+            plans[(n, kind)] = cache[(n, base)]
+    return plans
 
 
 def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
     """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
     check_kinds(cfg.patches)
+    check_candidates(cfg.candidates, cfg.select)
+    check_holdout(cfg.holdout)
     if cfg.out is not None:
         check_out(cfg.out, Kind.SWEEP, cfg.overwrite)
     started = time.perf_counter()
     dense = load_model(cfg.model)
     cal = calibrate(dense, cfg.calibration, progress=cfg.progress)
+    cal.holdout = cfg.holdout
     ppl_windows = cfg.perplexity.windows(dense.tokenizer) if cfg.perplexity else None
 
     def measure(model: nn.Module, label: str) -> dict[str, float]:
@@ -192,10 +215,11 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
     if cfg.latency:
         baseline.update(gen_time_ratio=1.0, flop_ratio=1.0)
     baseline_seconds = round(time.perf_counter() - t0, 1)
-    plans = [cal.plan(n, cfg.select) for n in cfg.prune]
+    plans = _plans(cal, cfg)
     for kind in cfg.patches:  # least-squares sums of every point in one pass
-        cal.prepare(plans, kind.removesuffix(FOLD_SUFFIX))
-    points = [_point(cal, plan, kind, measure) for plan in plans for kind in cfg.patches]
+        of_kind = [plan for (_, k), plan in plans.items() if k == kind]
+        cal.prepare(of_kind, kind.removesuffix(FOLD_SUFFIX))
+    points = [_point(cal, plans[(n, kind)], kind, measure) for (n, kind) in plans]
     data = {
         "config": clean_json(asdict(cfg)),
         "num_layers": cal.num_layers,

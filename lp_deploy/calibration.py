@@ -60,15 +60,44 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n_samples`` random windows of ``seqlen`` tokens (seeded), shape (n_samples, seqlen)."""
+def sample_starts(n_tokens: int, n_samples: int, seqlen: int, seed: int) -> list[int]:
+    """Start offsets of ``n_samples`` random windows of ``seqlen`` tokens (seeded)."""
     if n_samples < 1 or seqlen < 2:
         raise LpDeployError(f"need samples >= 1 and seqlen >= 2, got {n_samples} x {seqlen}")
-    if ids.numel() < seqlen + 1:
-        raise LpDeployError(f"text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    if n_tokens < seqlen + 1:
+        raise LpDeployError(f"text has {n_tokens} tokens, fewer than seqlen={seqlen}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seqlen, (n_samples,), generator=gen).tolist()
+
+
+def sample_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n_samples`` random windows of ``seqlen`` tokens (seeded), shape (n_samples, seqlen)."""
+    starts = sample_starts(ids.numel(), n_samples, seqlen, seed)
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def holdout_windows(
+    ids: torch.Tensor, taken: list[int], count: int, seqlen: int, seed: int
+) -> torch.Tensor:
+    """``count`` windows of ``seqlen`` tokens sharing no token with the windows starting at
+    ``taken`` (each ``seqlen`` long): a seeded choice among the free non-overlapping slots
+    ``[k * seqlen, (k + 1) * seqlen)``. Shape (count, seqlen)."""
+    if count < 1:
+        raise LpDeployError(f"need at least 1 held-back window, got {count}")
+    free = [
+        k * seqlen
+        for k in range(ids.numel() // seqlen)
+        if not any(t < (k + 1) * seqlen and k * seqlen < t + seqlen for t in taken)
+    ]
+    if len(free) < count:
+        raise LpDeployError(
+            f"the calibration text has only {len(free)} windows of {seqlen} tokens that do not "
+            f"overlap the {len(taken)} fitting windows; asked for {count} held-back windows "
+            "(use fewer --holdout windows, fewer --samples, or a longer text)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    chosen = sorted(torch.randperm(len(free), generator=gen)[:count].tolist())
+    return torch.stack([ids[free[i] : free[i] + seqlen] for i in chosen])
 
 
 def contiguous_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
@@ -97,8 +126,17 @@ class CalibrationSpec:
 
     def windows(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         """``samples`` seeded windows of ``seqlen`` tokens, shape (samples, seqlen)."""
-        ids = tokenize_text(tokenizer, load_text(self.data, self.text_field))
-        return sample_windows(ids, self.samples, self.seqlen, self.seed)
+        return sample_windows(self._ids(tokenizer), self.samples, self.seqlen, self.seed)
+
+    def holdout(self, tokenizer: PreTrainedTokenizerBase, count: int) -> torch.Tensor:
+        """``count`` windows of the same text and length sharing no token with
+        :meth:`windows` (what ``--select ppl`` scores on), shape (count, seqlen)."""
+        ids = self._ids(tokenizer)
+        taken = sample_starts(ids.numel(), self.samples, self.seqlen, self.seed)
+        return holdout_windows(ids, taken, count, self.seqlen, self.seed)
+
+    def _ids(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        return tokenize_text(tokenizer, load_text(self.data, self.text_field))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

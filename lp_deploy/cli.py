@@ -62,6 +62,23 @@ def _perplexity(args: argparse.Namespace) -> PerplexitySpec | None:
     return PerplexitySpec(args.ppl, args.ppl_seqlen, args.ppl_limit)
 
 
+def _add_ppl_selection(p: Any) -> None:
+    """``--candidates K --holdout H`` of ``--select ppl``."""
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="--select ppl: score only the K blocks of highest cosine similarity (default: all)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=8,
+        help="--select ppl: calibration windows held back for scoring (disjoint from the "
+        "fitting windows; default 8)",
+    )
+
+
 def _add_patch(sub: Any) -> None:
     p = sub.add_parser("patch", help="prune N layers and fit a LinearPatch")
     p.add_argument("model", help="alias (smollm2-135m), model directory, .gguf file or hub id")
@@ -81,6 +98,7 @@ def _add_patch(sub: Any) -> None:
         help="least-squares kinds: ridge term, relative to the mean input energy (0: none)",
     )
     _add_calibration(p)
+    _add_ppl_selection(p)
     p.add_argument("--batch-size", type=int, default=1)
     _add_out(p, "output checkpoint directory")
     _add_perplexity(p, "--eval-ppl", None, "text file for perplexity (dense/pruned/patched)")
@@ -104,6 +122,8 @@ def _run_patch(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         progress=not args.quiet,
         ridge=args.ridge,
+        candidates=args.candidates,
+        holdout=args.holdout,
     )
     result = run_patch(cfg)
     _print_patch_summary(result.summary, args.out)
@@ -117,6 +137,12 @@ def _print_patch_summary(s: dict[str, Any], out: Path) -> None:
     )
     if "similarity" in s["scores"]:
         print(f"cosine similarity across the gap: {s['scores']['similarity']:.4f}")
+    if "loss" in s["scores"]:
+        sc = s["scores"]
+        print(
+            f"held-back loss {sc['loss']:.4f} (perplexity {sc['ppl']:.2f}), best of "
+            f"{sc['scored']} blocks scored in {sc['seconds']} s"
+        )
     for name, value in s["perplexity"].items():
         print(f"perplexity {name:>7}: {value:.3f}")
     print(f"wrote {out} (summary.json inside) in {s['seconds']} s")
@@ -588,8 +614,13 @@ def _add_sweep(sub: Any) -> None:
         default="none,rotate",
         help=f"comma list of {', '.join(sweep_kinds())}",
     )
-    p.add_argument("--select", default="cosine")
+    p.add_argument(
+        "--select",
+        default="cosine",
+        help=f"{', '.join(SELECTION_METHODS)} (ppl scores blocks with each --patches kind)",
+    )
     _add_calibration(p)
+    _add_ppl_selection(p)
     _add_perplexity(p, "--ppl", _PPL.data, "perplexity text file, or 'none'")
     p.add_argument("--tasks", default=None, help="QA tasks per point ('copa,arc_easy' or 'all')")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task")
@@ -624,6 +655,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         latency=args.latency,
+        candidates=args.candidates,
+        holdout=args.holdout,
     )
     extra = qa_evaluator(tasks, args.data_dir, args.limit, progress=not args.quiet)
     result = run_sweep(cfg, extra if tasks else None)

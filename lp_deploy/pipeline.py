@@ -11,15 +11,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lp_deploy.adapters import ModelAdapter
 from lp_deploy.aliases import DEFAULT_MODEL
 from lp_deploy.artifacts import Kind, check_out, clean_json
+from lp_deploy.block_loss import BlockLoss
 from lp_deploy.calibration import CalibrationSpec
 from lp_deploy.checkpoint import save_patched
 from lp_deploy.errors import LpDeployError
@@ -33,6 +37,8 @@ from lp_deploy.selection import (
     SELECTION_METHODS,
     Gap,
     PruningPlan,
+    SelectionOptions,
+    check_candidates,
     check_prune_count,
     make_plan,
     parse_layers,
@@ -60,6 +66,8 @@ class PatchConfig:
     trust_remote_code: bool = False
     progress: bool = True
     ridge: float = 0.0  # least-squares kinds: relative ridge term
+    candidates: int | None = None  # --select ppl: score only the K best cosine blocks
+    holdout: int = 8  # --select ppl: held-back calibration windows scored
 
 
 @dataclass
@@ -78,6 +86,11 @@ def needs_stats(select_method: str, kind: str) -> bool:
     return select_method in SELECTION_METHODS or patch_kind(kind).fit is not None
 
 
+def check_holdout(holdout: int) -> None:
+    if holdout < 1:
+        raise LpDeployError(f"--holdout must be at least 1 window, got {holdout}")
+
+
 def validate_config(cfg: PatchConfig) -> None:
     """Reject bad options before any expensive work."""
     patch_kind(cfg.patch)
@@ -85,6 +98,8 @@ def validate_config(cfg: PatchConfig) -> None:
         parse_layers(cfg.select)
     elif cfg.prune is None:
         raise LpDeployError(f"--select {cfg.select} needs --prune N")
+    check_candidates(cfg.candidates, cfg.select)
+    check_holdout(cfg.holdout)
     if cfg.out is not None:
         check_out(cfg.out, Kind.CHECKPOINT, cfg.overwrite)
 
@@ -106,6 +121,8 @@ class Calibrated:
     batch_size: int = 1
     progress: bool = True
     dense_pruned: bool = False  # set once the dense model was pruned in place
+    holdout: int = 8  # held-back calibration windows that ``ppl`` selection scores on
+    scorer: BlockLoss | None = field(default=None, repr=False)  # their cached states
 
     @property
     def num_layers(self) -> int:
@@ -120,9 +137,68 @@ class Calibrated:
         elif method not in SELECTION_METHODS:
             make_plan(self.num_layers, parse_layers(method), "manual")
 
-    def plan(self, prune: int | None, method: str) -> PruningPlan:
-        """The layers to delete: ``method`` is a selection method or a manual layer list."""
-        return select(self.stats, self.num_layers, prune, method)
+    def plan(
+        self, prune: int | None, method: str, kind: str | None = None, candidates: int | None = None
+    ) -> PruningPlan:
+        """The layers to delete: ``method`` is a selection method or a manual layer list;
+        ``ppl`` scores blocks patched with ``kind`` (``candidates``: the K best cosine ones)."""
+        scorer = None
+        if method in SELECTION_METHODS and SELECTION_METHODS[method].scores_blocks:
+            if kind is None:
+                raise LpDeployError(f"selection {method!r} needs the patch kind it scores with")
+            patch_kind(kind)
+
+            def scorer(gaps: Sequence[Gap]) -> list[float]:
+                return self.block_losses(gaps, kind, desc=f"select {method} n={prune}")
+
+        options = SelectionOptions(candidates, scorer)
+        return select(self.stats, self.num_layers, prune, method, options)
+
+    def block_losses(
+        self,
+        gaps: Sequence[Gap],
+        kind: str,
+        windows: torch.Tensor | None = None,
+        desc: str = "blocks",
+    ) -> list[float]:
+        """Mean next-token NLL of the dense model with each gap deleted and ``kind`` fitted
+        there, on ``windows`` (default: :attr:`holdout` calibration windows that share no
+        token with the fitting windows); only the layers after each gap are run."""
+        if self.dense_pruned:
+            raise LpDeployError("the dense model was pruned in place; score blocks before")
+        plans = [make_plan(self.num_layers, list(range(g.start, g.end)), "block") for g in gaps]
+        self.prepare(plans, kind)
+        scorer = self._scorer() if windows is None else BlockLoss(self.dense.adapter, windows)
+        folds = [self._mlp_map_layer(p, kind) for p in plans]
+        scorer.ensure({g.start for g in gaps}, {i for i in folds if i is not None})
+        return [
+            self._block_loss(scorer, plan, kind)
+            for plan in tqdm(plans, desc=desc, disable=not self.progress)
+        ]
+
+    def _scorer(self) -> BlockLoss:
+        if self.scorer is None:
+            windows = self.spec.holdout(self.dense.tokenizer, self.holdout)
+            self.scorer = BlockLoss(self.dense.adapter, windows, self.batch_size)
+        return self.scorer
+
+    def _mlp_map_layer(self, plan: PruningPlan, kind: str) -> int | None:
+        """The layer whose MLP output ``kind`` maps on ``plan``'s one gap (None: a patch)."""
+        gap = plan.gaps[0]
+        fitted = effective_kind(kind, gap, self.blocked(plan, kind))
+        return gap.start - 1 if patch_kind(fitted).folds_into_mlp else None
+
+    def _block_loss(self, scorer: BlockLoss, plan: PruningPlan, kind: str) -> float:
+        gap = plan.gaps[0]
+        patch: Any = None
+        if patch_kind(kind).fit is not None:
+            if self.stats is None:
+                raise LpDeployError(f"patch {kind!r} needs calibration statistics")
+            blocked = self.blocked(plan, kind)
+            patch = fit_patches(self._fit_inputs(plan, kind), plan, kind, blocked=blocked)[gap]
+        if self._mlp_map_layer(plan, kind) is not None:
+            return scorer.loss(gap, mlp_map=patch.weight.data)
+        return scorer.loss(gap, patch)
 
     def prepare(self, plans: list[PruningPlan], kind: str) -> None:
         """Collect (in one pass) the least-squares sums fitting ``kind`` on ``plans`` needs."""
@@ -279,8 +355,8 @@ def run_patch(cfg: PatchConfig) -> PatchResult:
     windows = cfg.perplexity.windows(dense.tokenizer) if cfg.perplexity else None
     if needs_stats(cfg.select, cfg.patch):
         cal = calibrate(dense, cfg.calibration, cfg.batch_size, cfg.progress)
-    cal.ridge = cfg.ridge
-    plan = cal.plan(cfg.prune, cfg.select)
+    cal.ridge, cal.holdout = cfg.ridge, cfg.holdout
+    plan = cal.plan(cfg.prune, cfg.select, cfg.patch, cfg.candidates)
     pruned, ppl = _perplexities(cfg, cal, plan, windows)
     summary = _summary(cfg, plan, ppl, windows, time.perf_counter() - started)
     summary["patch"] = pruned.meta["patch"]
@@ -292,7 +368,7 @@ def run_patch(cfg: PatchConfig) -> PatchResult:
 def _summary(
     cfg: PatchConfig, plan: PruningPlan, ppl: dict[str, float], windows: Any, seconds: float
 ) -> dict[str, Any]:
-    scores = {k: v for k, v in plan.scores.items() if k != "candidates"}
+    scores = {k: v for k, v in plan.scores.items() if k not in ("candidates", "similarities")}
     return {
         "config": clean_json(asdict(cfg)),
         "layers_before": plan.num_layers,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,13 +116,75 @@ def select_bi(stats: ActivationStats, n: int) -> PruningPlan:
     return make_plan(num_layers, chosen, "bi", {"block_influence": influence})
 
 
+#: held-back loss (mean next-token NLL) of the model with each block deleted and patched:
+#: one value per gap, lower is better (:meth:`lp_deploy.pipeline.Calibrated.block_losses`)
+BlockScorer = Callable[[Sequence[Gap]], list[float]]
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """What methods beyond the statistics may use: ``candidates`` (``ppl``: score only the K
+    best cosine blocks; None: all) and the block ``scorer`` (``ppl``)."""
+
+    candidates: int | None = None
+    scorer: BlockScorer | None = None
+
+
+def check_candidates(candidates: int | None, method: str) -> None:
+    """A clear error for a ``--candidates`` value that cannot be used with ``method``."""
+    if candidates is None:
+        return
+    if method not in SELECTION_METHODS or not SELECTION_METHODS[method].scores_blocks:
+        raise PruningPlanError(
+            f"--candidates applies to --select ppl only (got --select {method!r})"
+        )
+    if candidates < 1:
+        raise PruningPlanError(f"--candidates must be at least 1, got {candidates}")
+
+
+def _or_inf(loss: float | None) -> float:
+    return math.inf if loss is None or math.isnan(loss) else loss
+
+
+def select_ppl(stats: ActivationStats, n: int, options: SelectionOptions) -> PruningPlan:
+    """The block ``[i, i+n)`` whose deletion (with the patch) gives the lowest held-back
+    loss, among the ``options.candidates`` blocks of highest cosine similarity (all: None)."""
+    num_layers = stats.num_layers
+    check_prune_count(n, num_layers)
+    if options.scorer is None:
+        raise PruningPlanError("selection 'ppl' needs a block scorer (a calibrated model)")
+    sims = [stats.cosine(i, i + n) for i in range(num_layers - n + 1)]
+    ranked = sorted(range(len(sims)), key=lambda i: -sims[i])
+    starts = sorted(ranked[: options.candidates or len(ranked)])
+    started = time.perf_counter()
+    losses = options.scorer([Gap(i, i + n) for i in starts])
+    seconds = time.perf_counter() - started
+    by_start: list[float | None] = [None] * len(sims)
+    for i, loss in zip(starts, losses, strict=True):
+        by_start[i] = loss
+    best = min(starts, key=lambda i: _or_inf(by_start[i]))
+    scores = {
+        "loss": by_start[best],
+        "ppl": math.exp(float(by_start[best] or 0.0)),
+        "similarity": sims[best],
+        "cosine_rank": ranked.index(best) + 1,
+        "scored": len(starts),
+        "seconds": round(seconds, 2),
+        "candidates": by_start,
+        "similarities": sims,
+    }
+    return make_plan(num_layers, list(range(best, best + n)), "ppl", scores)
+
+
 @dataclass(frozen=True)
 class SelectionMethod:
-    """A rule that picks ``n`` layers to delete from calibration statistics."""
+    """A rule that picks ``n`` layers to delete from calibration statistics (and, where
+    ``scores_blocks``, from the held-back loss of candidate blocks)."""
 
     name: str
     description: str
-    select: Callable[[ActivationStats, int], PruningPlan]
+    select: Callable[[ActivationStats, int, SelectionOptions], PruningPlan]
+    scores_blocks: bool = False
 
 
 #: every statistics-based selection method, by name (a layer list is the manual alternative)
@@ -130,9 +194,20 @@ SELECTION_METHODS: dict[str, SelectionMethod] = {
         SelectionMethod(
             "cosine",
             "the contiguous block [i, i+n) whose entering and leaving states are most similar",
-            select_cosine,
+            lambda stats, n, _opts: select_cosine(stats, n),
         ),
-        SelectionMethod("bi", "ShortGPT: the n layers of lowest block influence", select_bi),
+        SelectionMethod(
+            "bi",
+            "ShortGPT: the n layers of lowest block influence",
+            lambda stats, n, _opts: select_bi(stats, n),
+        ),
+        SelectionMethod(
+            "ppl",
+            "the contiguous block whose deletion, patched, gives the lowest language-model "
+            "loss on held-back calibration windows (--candidates K: the K best cosine blocks)",
+            select_ppl,
+            scores_blocks=True,
+        ),
     )
 }
 
@@ -165,15 +240,21 @@ def parse_layers(spec: str) -> list[int]:
 
 
 def select(
-    stats: ActivationStats | None, num_layers: int, n: int | None, method: str
+    stats: ActivationStats | None,
+    num_layers: int,
+    n: int | None,
+    method: str,
+    options: SelectionOptions | None = None,
 ) -> PruningPlan:
     """Dispatch on ``method``: a :data:`SELECTION_METHODS` name or a manual layer spec."""
+    options = options or SelectionOptions()
+    check_candidates(options.candidates, method)
     if method in SELECTION_METHODS:
         if stats is None or n is None:
             raise PruningPlanError(
                 f"selection {method!r} needs calibration statistics and --prune N"
             )
-        return SELECTION_METHODS[method].select(stats, n)
+        return SELECTION_METHODS[method].select(stats, n, options)
     layers = parse_layers(method)
     if n is not None and n != len(set(layers)):
         raise PruningPlanError(
