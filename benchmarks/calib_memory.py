@@ -2,6 +2,11 @@
 
 ``python -m lp_deploy.benchmarks.calib_memory --samples 32 128`` prints one JSON line per
 count and their ratio; statistics are streamed, so the peak should not grow with samples.
+
+``--offload-compare`` instead calibrates one model directory twice on the same windows, in
+memory and layer-streamed (:mod:`lp_deploy.offload`), each in a fresh process (plus one that
+only imports, the interpreter's own share), and prints peak RSS, seconds and the largest
+relative difference between the two statistics.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from lp_deploy.aliases import DEFAULT_MODEL
@@ -55,6 +62,95 @@ def measure_once(
     }
 
 
+MODES = ("imports", "memory", "offload")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_mode(
+    model: str, calib: str, samples: int, seqlen: int, mode: str, stats_out: Path | None
+) -> dict[str, Any]:
+    """One calibration of ``model`` (a safetensors directory) in this process: ``memory``
+    (loaded whole, :func:`collect_stats`), ``offload`` (:func:`streamed_stats`) or
+    ``imports`` (nothing but the imports both need); statistics saved to ``stats_out``."""
+    from transformers import AutoTokenizer
+
+    from lp_deploy.calibration import CalibrationSpec
+    from lp_deploy.loading import load_model
+    from lp_deploy.offload import streamed_stats
+    from lp_deploy.stats import collect_stats
+
+    row: dict[str, Any] = {"mode": mode, "samples": samples, "seqlen": seqlen}
+    if mode == "imports":
+        return {**row, "peak_rss_mb": round(_peak_mb(), 1)}
+    start = time.perf_counter()
+    if mode == "memory":
+        loaded = load_model(model)
+        windows = CalibrationSpec(calib, samples, seqlen, seed=0).windows(loaded.tokenizer)
+        row["rss_after_load_mb"] = round(_peak_mb(), 1)
+        start = time.perf_counter()
+        stats = collect_stats(loaded.adapter, windows, progress=False)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        windows = CalibrationSpec(calib, samples, seqlen, seed=0).windows(tokenizer)
+        start = time.perf_counter()
+        stats = streamed_stats(Path(model), windows, progress=False)
+    row["calibration_s"] = round(time.perf_counter() - start, 1)
+    row["peak_rss_mb"] = round(_peak_mb(), 1)
+    if stats_out is not None:
+        stats.save(stats_out)
+    return row
+
+
+def _max_rel(a: Any, b: Any) -> float:
+    """Largest relative difference over the three sums (max |a - b| / max |b| each)."""
+    pairs = [(a.cos_sum, b.cos_sum), (a.abs_sum, b.abs_sum)]
+    if a.abs_rot_sum is not None and b.abs_rot_sum is not None:
+        pairs.append((a.abs_rot_sum, b.abs_rot_sum))
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in pairs)
+
+
+def offload_compare(model: str, calib: str, samples: int, seqlen: int) -> dict[str, Any]:
+    """In-memory vs layer-streamed calibration, each in a child process; the goal is the
+    issue's: offload peak < weights / 3 + the calibration batch's hidden states."""
+    import torch
+
+    from lp_deploy.offload import weights_bytes
+    from lp_deploy.stats import ActivationStats
+
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            out = Path(tmp) / f"{mode}.safetensors"
+            cmd = [sys.executable, "-m", "lp_deploy.benchmarks.calib_memory", "--child-mode"]
+            cmd += [mode, "--stats-out", str(out), "--model", model, "--calib", calib]
+            cmd += ["--samples", str(samples), "--seqlen", str(seqlen)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps(rows[mode]), flush=True)
+        memory = ActivationStats.load(Path(tmp) / "memory.safetensors")
+        offload = ActivationStats.load(Path(tmp) / "offload.safetensors")
+    d = memory.abs_sum.shape[1]
+    weights_mb = weights_bytes(Path(model)) / 2**20
+    states_mb = samples * seqlen * d * torch.finfo(torch.float32).bits / 8 / 2**20
+    goal_mb = weights_mb / 3 + states_mb
+    return {
+        "weights_mb": round(weights_mb, 1),
+        "batch_states_mb": round(states_mb, 1),
+        "goal_mb": round(goal_mb, 1),
+        "memory_peak_mb": rows["memory"]["peak_rss_mb"],
+        "offload_peak_mb": rows["offload"]["peak_rss_mb"],
+        "imports_peak_mb": rows["imports"]["peak_rss_mb"],
+        "offload_meets_goal": rows["offload"]["peak_rss_mb"] < goal_mb,
+        "peak_ratio_offload_vs_memory": round(
+            rows["offload"]["peak_rss_mb"] / rows["memory"]["peak_rss_mb"], 4
+        ),
+        "max_rel_diff": _max_rel(offload, memory),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run each sample count in a subprocess; print the results and the peak-RSS ratio."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -63,8 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, nargs="+", default=[32, 128])
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--lstsq", default=None, help="START:END: the least-squares pass of that gap")
+    p.add_argument(
+        "--offload-compare",
+        action="store_true",
+        help="in-memory vs layer-streamed calibration of --model (a safetensors directory)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--stats-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_mode:
+        n = args.samples[0]
+        row = measure_mode(args.model, args.calib, n, args.seqlen, args.child_mode, args.stats_out)
+        print(json.dumps(row))
+        return 0
+    if args.offload_compare:
+        print(json.dumps(offload_compare(args.model, args.calib, args.samples[0], args.seqlen)))
+        return 0
     if args.child:
         row = measure_once(args.model, args.calib, args.samples[0], args.seqlen, args.lstsq)
         print(json.dumps(row))

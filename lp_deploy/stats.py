@@ -85,18 +85,18 @@ class _Recorder:
 
 
 class _Reducer:
-    """Forward pre-hooks that reduce each boundary's state as the forward pass reaches it,
-    on the state's device.
+    """Reduces each boundary's state on the state's device, window by window.
 
     Per boundary: ``sum |h|`` and ``sum |h H|`` over the window's tokens (float32 partial
     sums, added to float64 totals; float64 throughout for a float64 model) and the unit
     states ``h / |h|``, kept for the window only; when the window ends,
     ``cos_sum += U U^T`` (one GEMM over the window's tokens, added in float64). No state is
-    kept past its window or copied to the CPU.
+    kept past its window or copied to the CPU. :meth:`attach` feeds it from forward
+    pre-hooks (the in-memory pass); the layer-streamed pass (:mod:`lp_deploy.offload`)
+    calls :meth:`boundary` and :meth:`add_cosines` itself.
     """
 
-    def __init__(self, modules: list[nn.Module], d: int, rotate: bool, device: torch.device):
-        n = len(modules)
+    def __init__(self, n: int, d: int, rotate: bool, device: torch.device) -> None:
         self.d, self.rotate = d, rotate
         self.cos_sum = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(n, d, dtype=torch.float64, device=device)
@@ -104,10 +104,15 @@ class _Reducer:
         self.units: torch.Tensor | None = None  # (boundaries, tokens, d) of the current window
         self.seen = [False] * n
         self._factors: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        self.handles: list[Any] = []
+
+    def attach(self, modules: list[nn.Module]) -> _Reducer:
+        """Reduce the input of ``modules[i]`` as boundary ``i`` whenever it runs."""
         self.handles = [
             m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i, m in enumerate(modules)
         ]
+        return self
 
     def _hook(self, index: int) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -115,18 +120,23 @@ class _Reducer:
 
         return hook
 
-    def add(self, index: int, state: torch.Tensor) -> None:
-        """Reduce boundary ``index`` of the current window."""
+    def boundary(self, index: int, state: torch.Tensor) -> torch.Tensor:
+        """Add one window's ``|h|`` sums at boundary ``index``; return its unit states."""
         device = self.abs_sum.device
         work = torch.float64 if state.dtype == torch.float64 else torch.float32
         h = state.detach().reshape(-1, self.d).to(device=device, dtype=work)
-        if self.units is None:
-            self.units = torch.zeros(len(self.seen), h.shape[0], self.d, device=device, dtype=work)
-        self.units[index] = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        self.seen[index] = True
         self.abs_sum[index] += h.abs().sum(dim=0).double()
         if self.abs_rot_sum is not None:
             self.abs_rot_sum[index] += self._rotate(h).abs().sum(dim=0).double()
+        return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+    def add(self, index: int, state: torch.Tensor) -> None:
+        """Reduce boundary ``index`` of the current window."""
+        unit = self.boundary(index, state)
+        if self.units is None:
+            self.units = unit.new_zeros(len(self.seen), *unit.shape)
+        self.units[index] = unit
+        self.seen[index] = True
 
     def _rotate(self, h: torch.Tensor) -> torch.Tensor:
         """``h H`` as ``A^T X B`` (two small MatMuls; see :func:`hadamard_kron_factors`)."""
@@ -138,14 +148,23 @@ class _Reducer:
             h.shape
         )
 
+    def add_cosines(self, units: torch.Tensor) -> None:
+        """``cos_sum += U U^T`` for one window's unit states ``(boundaries, tokens, d)``."""
+        flat = units.reshape(units.shape[0], -1)
+        self.cos_sum += (flat @ flat.T).double()
+
     def end_window(self) -> None:
         """Add the window's cosines (every pair of boundaries) and start a new window."""
         if self.units is None or not all(self.seen):
             missing = [i for i, seen in enumerate(self.seen) if not seen]
             raise RuntimeError(f"the forward pass did not reach boundaries {missing}")
-        flat = self.units.reshape(len(self.seen), -1)
-        self.cos_sum += (flat @ flat.T).double()
+        self.add_cosines(self.units)
         self.units, self.seen = None, [False] * len(self.seen)
+
+    def result(self, n_tokens: int) -> ActivationStats:
+        """The totals as :class:`ActivationStats` (on the CPU)."""
+        rot = None if self.abs_rot_sum is None else self.abs_rot_sum.cpu()
+        return ActivationStats(n_tokens, self.cos_sum.cpu(), self.abs_sum.cpu(), rot)
 
     def close(self) -> None:
         for handle in self.handles:
@@ -176,7 +195,8 @@ def collect_stats(
     boundary by boundary on the model's device (see :class:`_Reducer`)."""
     device = adapter.embeddings.weight.device
     rotate = is_supported(adapter.hidden_size)
-    reducer = _Reducer([*adapter.layers, adapter.final_norm], adapter.hidden_size, rotate, device)
+    modules = [*adapter.layers, adapter.final_norm]
+    reducer = _Reducer(len(modules), adapter.hidden_size, rotate, device).attach(modules)
     try:
         for start in tqdm(
             range(0, len(windows), batch_size), desc="calibration", disable=not progress
@@ -187,8 +207,7 @@ def collect_stats(
             reducer.end_window()
     finally:
         reducer.close()
-    rot = None if reducer.abs_rot_sum is None else reducer.abs_rot_sum.cpu()
-    return ActivationStats(int(windows.numel()), reducer.cos_sum.cpu(), reducer.abs_sum.cpu(), rot)
+    return reducer.result(int(windows.numel()))
 
 
 # --------------------------------------------------------------------------- least squares
