@@ -79,6 +79,25 @@ def _add_ppl_selection(p: Any) -> None:
     )
 
 
+def _add_memory(p: Any, offload: bool) -> None:
+    """``--device-map`` (and ``--offload/--no-offload``): where the weights live."""
+    if offload:
+        p.add_argument(
+            "--offload",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="stream the decoder layers from the safetensors files, one resident at a "
+            "time, and read only the kept layers afterwards (default: only when the weights "
+            "do not fit in the memory available; the log says which path was taken)",
+        )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="handed to transformers/accelerate, e.g. 'auto' to spread the model over "
+        "several GPUs (untested here: no GPU)",
+    )
+
+
 def _add_patch(sub: Any) -> None:
     p = sub.add_parser("patch", help="prune N layers and fit a LinearPatch")
     p.add_argument("model", help="alias (smollm2-135m), model directory, .gguf file or hub id")
@@ -100,6 +119,7 @@ def _add_patch(sub: Any) -> None:
     _add_calibration(p)
     _add_ppl_selection(p)
     p.add_argument("--batch-size", type=int, default=1)
+    _add_memory(p, offload=True)
     _add_out(p, "output checkpoint directory")
     _add_perplexity(p, "--eval-ppl", None, "text file for perplexity (dense/pruned/patched)")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -124,6 +144,8 @@ def _run_patch(args: argparse.Namespace) -> int:
         ridge=args.ridge,
         candidates=args.candidates,
         holdout=args.holdout,
+        offload=args.offload,
+        device_map=args.device_map,
     )
     result = run_patch(cfg)
     _print_patch_summary(result.summary, args.out)

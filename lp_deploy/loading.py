@@ -30,14 +30,22 @@ def load_model(
     source: str | Path,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """The model and tokenizer behind ``source``, in eval mode.
 
     ``dtype`` None: float32 for dense sources, the saved dtype for pruned checkpoints.
+    ``device_map`` (dense sources): handed to transformers/accelerate (``"auto"`` spreads
+    the weights over the GPUs, then the CPU).
     """
     artifact = inspect_artifact(source)
     if artifact.kind in _NOT_WEIGHTS:
         raise ModelSourceError(f"{artifact.location} is {_NOT_WEIGHTS[artifact.kind]}")
     if artifact.kind == Kind.CHECKPOINT:
+        if device_map is not None:
+            raise ModelSourceError(
+                f"{artifact.location} is a pruned checkpoint; --device-map applies to dense "
+                "model sources only"
+            )
         return load_patched(artifact.path, dtype)
-    return load_dense(artifact, dtype or torch.float32, trust_remote_code)
+    return load_dense(artifact, dtype or torch.float32, trust_remote_code, device_map)

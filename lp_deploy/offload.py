@@ -36,11 +36,16 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lp_deploy.adapters import ModelAdapter, get_adapter
+from lp_deploy.artifacts import Kind, inspect_artifact
 from lp_deploy.errors import LpDeployError
 from lp_deploy.hadamard import is_supported
+from lp_deploy.model import LoadedModel
+from lp_deploy.prune import apply_plan
+from lp_deploy.selection import PruningPlan
+from lp_deploy.sources import source_record
 from lp_deploy.stats import ActivationStats, _Reducer
 
 log = logging.getLogger(__name__)
@@ -98,15 +103,28 @@ class OffloadDecision:
 
 
 def decide_offload(
-    requested: bool | None, model_dir: Path | None, dtype: torch.dtype = torch.float32
+    requested: bool | None,
+    model_dir: Path | None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | None = None,
 ) -> OffloadDecision:
     """``requested`` True/False is obeyed; None (auto) streams when the weights, at
-    ``dtype``, exceed the memory available now (``model_dir`` None: not safetensors, in
-    memory)."""
+    ``dtype``, exceed the memory available now (``model_dir`` None: the source is not a
+    safetensors directory, in memory; a ``device_map``: accelerate places the weights)."""
+    if requested and device_map is not None:
+        raise OffloadError(
+            "--offload streams the layers through one device, --device-map spreads the whole "
+            "model over several: choose one"
+        )
+    if requested and model_dir is None:
+        raise OffloadError(
+            "--offload streams layers from safetensors files: give a model directory "
+            "(save_pretrained) or a built-in alias, not a GGUF file, hub id or checkpoint"
+        )
     if requested is not None:
-        if requested and model_dir is None:
-            raise OffloadError("--offload needs a model directory with safetensors weights")
         return OffloadDecision(requested, "--offload" if requested else "--no-offload")
+    if device_map is not None:
+        return OffloadDecision(False, f"auto: --device-map {device_map} places the weights")
     if model_dir is None:
         return OffloadDecision(False, "auto: the source is not a safetensors model directory")
     need = _bytes_at(model_dir, dtype)
@@ -141,11 +159,17 @@ class _TensorReader:
         self.files = weight_files(model_dir)
 
     def load(
-        self, module: nn.Module, prefix: str, device: torch.device, dtype: torch.dtype
+        self,
+        module: nn.Module,
+        prefix: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        recurse: bool = True,
     ) -> None:
         """Fill ``module``'s parameters and persistent buffers (checkpoint names
-        ``prefix`` + local name); the files are closed again, so nothing stays mapped."""
-        local = list(module.state_dict(keep_vars=True))
+        ``prefix`` + local name; ``recurse`` False: its own, not its children's); the files
+        are closed again, so nothing stays mapped."""
+        local = list(module.state_dict(keep_vars=True)) if recurse else _own_tensors(module)
         missing = [prefix + n for n in local if prefix + n not in self.files]
         if missing:
             raise OffloadError(
@@ -163,6 +187,13 @@ class _TensorReader:
                     value = fh.get_tensor(prefix + name)
                     cast = dtype if value.is_floating_point() else None
                     set_module_tensor_to_device(module, name, device, value=value, dtype=cast)
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    """Names of a module's own parameters and persistent buffers (not its children's)."""
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    skip = module._non_persistent_buffers_set
+    return names + [n for n, b in module.named_buffers(recurse=False) if n not in skip]
 
 
 def _free(module: nn.Module) -> None:
@@ -339,3 +370,58 @@ def _record_calls(
         for _, module in outer:
             _free(module)
     return recorder
+
+
+# --------------------------------------------------------------------------- stage helpers
+
+
+def model_dir_of(source: str | Path) -> Path | None:
+    """The safetensors directory of a dense source (an alias's cached copy), else None."""
+    artifact = inspect_artifact(source)
+    if artifact.kind not in (Kind.ALIAS, Kind.MODEL):
+        return None
+    location, _ = source_record(artifact, hashes=False)
+    path = Path(location)
+    has_weights = (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()
+    return path if has_weights else None
+
+
+def load_skeleton(source: str | Path, trust_remote_code: bool = False) -> LoadedModel:
+    """A dense source with its parameters on the meta device (tokenizer, config and source
+    record real): enough to check options, select blocks and record the checkpoint's source."""
+    artifact = inspect_artifact(source)
+    location, info = source_record(artifact)
+    model_dir = Path(location)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return LoadedModel(
+        empty_model(model_dir, trust_remote_code=trust_remote_code), tokenizer, {}, info
+    )
+
+
+def load_pruned(
+    model_dir: Path,
+    plan: PruningPlan,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The model of ``model_dir`` with ``plan`` applied, reading only the kept layers'
+    tensors (and those outside the layers): memory is the pruned model's, never the dense."""
+    model = empty_model(model_dir, dtype, trust_remote_code)
+    adapter = get_adapter(model)
+    names = _names(model)
+    tied = adapter.tied_embeddings or bool(getattr(model.config, "tie_word_embeddings", False))
+    layers = list(adapter.layers)
+    apply_plan(adapter, plan)
+    reader, cpu = _TensorReader(model_dir), torch.device("cpu")
+    for index in plan.kept:
+        reader.load(layers[index], names[id(layers[index])] + ".", cpu, dtype)
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    for name, module in model.named_modules():
+        if id(module) in inside or (tied and module is adapter.lm_head):
+            continue
+        reader.load(module, f"{name}." if name else "", cpu, dtype, recurse=False)
+    if tied:
+        model.tie_weights()
+        if not adapter.tied_embeddings:
+            raise OffloadError("the lm_head could not be tied to the embeddings after loading")
+    return model

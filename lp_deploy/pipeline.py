@@ -31,6 +31,14 @@ from lp_deploy.fit import FitInputs, effective_kind, fit_patches, gram_requests,
 from lp_deploy.hadamard import hadamard_factors
 from lp_deploy.loading import load_model
 from lp_deploy.model import LoadedModel
+from lp_deploy.offload import (
+    OffloadDecision,
+    decide_offload,
+    load_pruned,
+    load_skeleton,
+    model_dir_of,
+    streamed_stats,
+)
 from lp_deploy.perplexity import PerplexitySpec, model_perplexity
 from lp_deploy.prune import apply_plan, fold_mlp_maps, set_patch
 from lp_deploy.selection import (
@@ -68,6 +76,8 @@ class PatchConfig:
     ridge: float = 0.0  # least-squares kinds: relative ridge term
     candidates: int | None = None  # --select ppl: score only the K best cosine blocks
     holdout: int = 8  # --select ppl: held-back calibration windows scored
+    offload: bool | None = None  # stream layers from safetensors; None: when it does not fit
+    device_map: str | None = None  # "auto": accelerate spreads the model over the GPUs
 
 
 @dataclass
@@ -349,7 +359,17 @@ def run_patch(cfg: PatchConfig) -> PatchResult:
     """Run the whole ``patch`` stage; writes ``cfg.out`` (and ``summary.json``) when set."""
     validate_config(cfg)
     started = time.perf_counter()
-    dense = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    use_dir = cfg.offload is not False and cfg.device_map is None
+    model_dir = model_dir_of(cfg.model) if use_dir else None
+    decision = decide_offload(cfg.offload, model_dir, device_map=cfg.device_map)
+    path = "layer-streamed from the safetensors files" if decision.offload else "in memory"
+    log.info("calibration %s (%s)", path, decision.reason)
+    if decision.offload:
+        assert model_dir is not None
+        return _run_patch_offloaded(cfg, model_dir, started, decision)
+    dense = load_model(
+        cfg.model, trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map
+    )
     cal = Calibrated(dense, cfg.calibration, None)
     cal.check(cfg.prune, cfg.select, cfg.patch)
     windows = cfg.perplexity.windows(dense.tokenizer) if cfg.perplexity else None
@@ -358,11 +378,71 @@ def run_patch(cfg: PatchConfig) -> PatchResult:
     cal.ridge, cal.holdout = cfg.ridge, cfg.holdout
     plan = cal.plan(cfg.prune, cfg.select, cfg.patch, cfg.candidates)
     pruned, ppl = _perplexities(cfg, cal, plan, windows)
+    return _finish(cfg, cal, plan, pruned, ppl, windows, started, decision)
+
+
+def _finish(
+    cfg: PatchConfig,
+    cal: Calibrated,
+    plan: PruningPlan,
+    pruned: LoadedModel,
+    ppl: dict[str, float],
+    windows: Any,
+    started: float,
+    decision: OffloadDecision,
+) -> PatchResult:
     summary = _summary(cfg, plan, ppl, windows, time.perf_counter() - started)
     summary["patch"] = pruned.meta["patch"]
+    summary["offload"] = asdict(decision)
     if cfg.out is not None:
         save_patched(pruned, cfg.out, extra={SUMMARY: summary}, overwrite=cfg.overwrite)
     return PatchResult(pruned, plan, cal.stats, summary, cfg.out)
+
+
+def check_offload_options(cfg: PatchConfig) -> None:
+    """What the layer-streamed path cannot do (it never holds the dense model)."""
+    if cfg.select in SELECTION_METHODS and SELECTION_METHODS[cfg.select].scores_blocks:
+        raise LpDeployError(
+            f"--select {cfg.select} runs the dense model on held-back windows; it is not "
+            "available with --offload (use --select cosine, or --no-offload)"
+        )
+    if patch_kind(cfg.patch).gram_site is not None:
+        raise LpDeployError(
+            f"--patch {cfg.patch}: the least-squares sums are collected in memory; with "
+            "--offload use rotate, diag or none (or --no-offload)"
+        )
+
+
+def _run_patch_offloaded(
+    cfg: PatchConfig, model_dir: Path, started: float, decision: OffloadDecision
+) -> PatchResult:
+    """``patch`` without the dense model in memory: statistics streamed layer by layer
+    (:func:`streamed_stats`), then only the kept layers are read (:func:`load_pruned`).
+    The dense perplexity is not measured (it needs the dense model)."""
+    check_offload_options(cfg)
+    skeleton = load_skeleton(cfg.model, cfg.trust_remote_code)
+    cal = Calibrated(skeleton, cfg.calibration, None, batch_size=cfg.batch_size)
+    cal.progress = cfg.progress
+    cal.check(cfg.prune, cfg.select, cfg.patch)
+    windows = cfg.perplexity.windows(skeleton.tokenizer) if cfg.perplexity else None
+    if needs_stats(cfg.select, cfg.patch):
+        calib = cfg.calibration.windows(skeleton.tokenizer)
+        cal.stats = streamed_stats(
+            model_dir, calib, cfg.batch_size, cfg.progress, trust_remote_code=cfg.trust_remote_code
+        )
+    cal.ridge = cfg.ridge
+    plan = cal.plan(cfg.prune, cfg.select, cfg.patch, cfg.candidates)
+    model = load_pruned(model_dir, plan, trust_remote_code=cfg.trust_remote_code)
+    pruned = LoadedModel(model, skeleton.tokenizer, source=dict(skeleton.source))
+    cal.dense_pruned = True
+    ppl: dict[str, float] = {}
+    if windows is not None:
+        log.info("dense perplexity not measured: --offload never holds the dense model")
+        ppl["pruned"] = model_perplexity(model, windows, cfg.batch_size, cfg.progress, "pruned")
+    cal.install(pruned, plan, cfg.patch)
+    if windows is not None and patch_kind(cfg.patch).fit is not None:
+        ppl[cfg.patch] = model_perplexity(model, windows, cfg.batch_size, cfg.progress, cfg.patch)
+    return _finish(cfg, cal, plan, pruned, ppl, windows, started, decision)
 
 
 def _summary(

@@ -90,10 +90,14 @@ def _strip_gguf_quantizer(model: Any) -> None:
     model.is_quantized = False
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(
+    path: Path, dtype: torch.dtype, device_map: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs: dict[str, Any] = {"gguf_file": path.name}
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, dtype=dtype, device_map=device_map, **kwargs
+    )
     _strip_gguf_quantizer(model)
     return model, tokenizer
 
@@ -134,24 +138,28 @@ def check_tokenizer_files(location: Path) -> None:
 
 
 def _load_hf(
-    location: Path | str, dtype: torch.dtype, trust_remote_code: bool, name: str
+    location: Path | str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    name: str,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if isinstance(location, Path):
         check_tokenizer_files(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=trust_remote_code
+            location, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map
         )
     except (OSError, ValueError, KeyError) as exc:  # missing weights, unknown hub repo, ...
         raise ModelSourceError(f"cannot load model {name!r}: {exc}") from exc
     return model, tokenizer
 
 
-def load_dense(
-    artifact: Artifact, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> LoadedModel:
-    """Load a dense source (alias, GGUF file, model directory or hub id)."""
+def source_record(artifact: Artifact, hashes: bool = True) -> tuple[Path | str, dict[str, Any]]:
+    """Where a dense source's weights are (an alias's cached directory) and the record
+    checkpoints keep of it (kind, location, sha256s of the weight files unless not
+    ``hashes``)."""
     name = str(artifact.location)
     info: dict[str, Any] = {"source": name, "kind": artifact.kind.value}
     location: Path | str = artifact.location
@@ -161,12 +169,26 @@ def load_dense(
         file = Path(spec.member).name
         info.update(package=f"{spec.package}=={spec.version}", file=file)
         info["sha256"] = {file: spec.sha256}
-    if artifact.kind == Kind.GGUF:
-        model, tokenizer = _load_gguf(artifact.path, dtype)
+    elif artifact.kind == Kind.GGUF and hashes:
         info["sha256"] = {artifact.path.name: sha256_file(artifact.path)}
+    elif artifact.kind == Kind.MODEL and hashes:
+        info["sha256"] = _dir_hashes(artifact.path)
+    return location, info
+
+
+def load_dense(
+    artifact: Artifact,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a dense source (alias, GGUF file, model directory or hub id); ``device_map``
+    (e.g. ``"auto"``) is handed to transformers/accelerate to place the weights."""
+    location, info = source_record(artifact)
+    if artifact.kind == Kind.GGUF:
+        model, tokenizer = _load_gguf(artifact.path, dtype, device_map)
     else:
-        model, tokenizer = _load_hf(location, dtype, trust_remote_code, name)
-        if artifact.kind == Kind.MODEL:
-            info["sha256"] = _dir_hashes(artifact.path)
+        name = str(artifact.location)
+        model, tokenizer = _load_hf(location, dtype, trust_remote_code, name, device_map)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, meta={}, source=info)
