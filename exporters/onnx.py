@@ -339,6 +339,29 @@ def ort_offline_optimize(path: Path, external: bool) -> dict[str, int]:
     return {f"ort:{k}": v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
 
 
+def check_self_contained(path: Path) -> None:
+    """Every external initializer of ``path`` lives in ``model.onnx.data`` beside it (and
+    that file exists when any does): the export directory can be moved as a whole."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    locations = {
+        entry.value
+        for init in graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    stray = sorted(locations - {ONNX_DATA_FILE})
+    if stray:
+        raise VerificationError(
+            f"{path.name} keeps weights outside {ONNX_DATA_FILE}: {stray}; the export would "
+            "not be self-contained. Nothing was written."
+        )
+    if locations and not (path.parent / ONNX_DATA_FILE).is_file():
+        raise VerificationError(f"{path.name} refers to {ONNX_DATA_FILE}, which was not written")
+
+
 def _file_op_counts(onnx: Any, path: Path) -> Counter[str]:
     """Node count per ``domain:op_type`` (empty domain for standard ONNX ops)."""
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -609,7 +632,7 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         if cfg.external_data is not None
         else _param_bytes(model, dtype) > EXTERNAL_DATA_BYTES
     )
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {"load": time.perf_counter() - started}
     t0 = time.perf_counter()
     program = trace(model, cfg.opset)
     seconds["trace"] = time.perf_counter() - t0
@@ -622,12 +645,15 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         graph, fusions = fuse_for_ort(graph)
         seconds["fuse"] = time.perf_counter() - t0
     path = tmp / ONNX_FILE
+    t0 = time.perf_counter()
     ir.save(graph, str(path), external_data=ONNX_DATA_FILE if external else None)
+    seconds["save"] = time.perf_counter() - t0
     del program, graph
     if int(cfg.optimize) >= 2:
         t0 = time.perf_counter()
         fusions.update(ort_offline_optimize(path, external))
         seconds["ort_optimize"] = time.perf_counter() - t0
+    check_self_contained(path)
     _write_side_files(loaded, meta, dtype, tmp)
     report = ExportReport(
         source=str(cfg.model),
