@@ -217,6 +217,32 @@ def test_distilled_checkpoints_fold_and_export(
     assert read_report(export.out)["validation"]["passed"]
 
 
+def test_full_training_starts_from_a_least_squares_patch(
+    save_tiny_model: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    """An ``lstsq`` checkpoint (a fitted d x d P at the same position) trains as ``full`` from
+    its fitted P, keeps its kind and still folds; ``diag`` is refused (not a rotate patch)."""
+    patched = _patched(save_tiny_model, text_file, tmp_path, patch="lstsq")
+    fitted = installed_patches(load_patched(patched).adapter)[2].weight
+    still = run_distill(_cfg(patched, text_file, tmp_path / "still", samples=8, lr=1e-12))
+    kept = installed_patches(still.model.adapter)[2].weight
+    torch.testing.assert_close(kept, fitted, atol=1e-6, rtol=0)  # the start is the fitted P
+    out = tmp_path / "trained"
+    result = run_distill(_cfg(patched, text_file, out, samples=40, val_fraction=0.25))
+    assert load_patched(out).meta["patch"] == {
+        "kind": "lstsq",
+        "ridge_relative": 0.0,
+        "trained": "full",
+    }
+    after = installed_patches(load_patched(out).adapter)[2].weight
+    assert float((after - fitted).abs().max()) > 1e-4
+    assert result.summary["val_loss"][1] < result.summary["val_loss"][0]
+    folded = run_fold(FoldConfig(out, out=tmp_path / "folded", progress=False))
+    assert folded.report.max_rel_diff <= 1e-4
+    with pytest.raises(LpDeployError, match="not diagonal in the Hadamard basis"):
+        run_distill(_cfg(patched, text_file, tmp_path / "x", train="diag"))
+
+
 # --------------------------------------------------------------------------- acceptance 6
 
 
