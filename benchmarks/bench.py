@@ -34,7 +34,7 @@ from lp_deploy.artifacts import (
     write_manifest,
 )
 from lp_deploy.benchmarks.flops import FlopProfile, profile_config_dir, profile_model
-from lp_deploy.benchmarks.latency import Timing, measure_interleaved, ratios
+from lp_deploy.benchmarks.latency import Timing, measure_interleaved, ratio_interval, ratios
 from lp_deploy.benchmarks.memory import measure_subprocess
 from lp_deploy.benchmarks.qa import (
     TASKS,
@@ -411,10 +411,6 @@ class DecodeCase:
             times.append(time.perf_counter() - start)
         self.calls.append(times)
 
-    def per_token(self, skip_calls: int) -> Timing:
-        """Step times of the calls after the first ``skip_calls`` (the warm-up)."""
-        return Timing(tuple(t for call in self.calls[skip_calls:] for t in call))
-
 
 def _sync_fn() -> Sync | None:
     return torch.cuda.synchronize if torch.cuda.is_available() else None
@@ -440,11 +436,13 @@ def _prefill_block(
 ) -> dict[str, Any]:
     rel = ratios(timings, baseline)
     base_flops = flops[baseline].prefill(length)
+    base_rounds = [[x] for x in timings[baseline].samples]
     return {
         name: {
             **t.to_dict(),
             "tokens_per_s": batch * length / t.median,
             "ratio": rel[name],
+            "ratio_ci95": list(ratio_interval([[x] for x in t.samples], base_rounds)),
             "flop_ratio": flops[name].prefill(length) / base_flops,
         }
         for name, t in timings.items()
@@ -452,13 +450,15 @@ def _prefill_block(
 
 
 def _decode_block(
-    timings: dict[str, Timing],
+    rounds: dict[str, list[list[float]]],
     baseline: str,
     flops: dict[str, FlopProfile],
     batch: int,
     length: int,
     steps: int,
 ) -> dict[str, Any]:
+    """Per-token statistics; ``rounds[name]`` holds the step times of each timed call."""
+    timings = {n: Timing(tuple(x for call in calls for x in call)) for n, calls in rounds.items()}
     rel = ratios(timings, baseline)
     base_flops = flops[baseline].decode(length, steps)
     return {
@@ -469,6 +469,7 @@ def _decode_block(
             "n": len(t.samples),
             "tokens_per_s": batch / t.median,
             "ratio": rel[name],
+            "ratio_ci95": list(ratio_interval(rounds[name], rounds[baseline])),
             "flop_ratio": flops[name].decode(length, steps) / base_flops,
         }
         for name, t in timings.items()
@@ -495,13 +496,13 @@ def _latency_shape(
     )
     cases = {n: DecodeCase(rt, ids, cfg.decode_tokens, sync) for n, rt in loaded.items()}
     measure_interleaved(cases, cfg.repeats, cfg.warmup, sync)
-    per_token = {n: c.per_token(cfg.warmup) for n, c in cases.items()}
+    rounds = {n: c.calls[cfg.warmup :] for n, c in cases.items()}
     return {
         "prompt_length": length,
         "batch_size": batch,
         "decode_tokens": cfg.decode_tokens,
         "prefill": _prefill_block(prefill, baseline, flops, batch, length),
-        "decode": _decode_block(per_token, baseline, flops, batch, length, cfg.decode_tokens),
+        "decode": _decode_block(rounds, baseline, flops, batch, length, cfg.decode_tokens),
         "cuda_peak_mb": _cuda_peak_mb(),
     }
 

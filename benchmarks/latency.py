@@ -7,9 +7,10 @@ the ratios stay meaningful even when absolute times wander.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 Timer = Callable[[], float]
@@ -92,3 +93,33 @@ def ratios(timings: Mapping[str, Timing], baseline: str) -> dict[str, float]:
     """Median time of each case divided by the baseline's (below 1: faster)."""
     base = timings[baseline].median
     return {name: t.median / base for name, t in timings.items()}
+
+
+def ratio_interval(
+    candidate: Sequence[Sequence[float]],
+    baseline: Sequence[Sequence[float]],
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap interval of ``median(candidate) / median(baseline)``, resampling rounds.
+
+    ``candidate[r]`` and ``baseline[r]`` are the samples of round ``r`` of one interleaved run
+    (one prefill time, or every step time of one decode call): a round is drawn for both
+    cases at once, so noise that hits a whole round (another job on the machine) stays paired
+    and the interval shows how well the ratio is known, not how much the machine drifted.
+    """
+    if len(candidate) != len(baseline) or not baseline:
+        raise ValueError(f"need the same rounds for both, got {len(candidate)}, {len(baseline)}")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    rng = random.Random(seed)
+    rounds = len(baseline)
+    draws = []
+    for _ in range(resamples):
+        picks = [rng.randrange(rounds) for _ in range(rounds)]
+        cand = statistics.median(x for i in picks for x in candidate[i])
+        base = statistics.median(x for i in picks for x in baseline[i])
+        draws.append(cand / base)
+    tail = (1 - level) / 2
+    return quantile(draws, tail), quantile(draws, 1 - tail)

@@ -298,6 +298,14 @@ def _md_perplexity(result: dict[str, Any]) -> list[str]:
     return ["## Perplexity", "", note, "", *_table(["runtime", "model", "ppl", "ratio"], rows)]
 
 
+def _ratio(entry: dict[str, Any]) -> str:
+    """The time ratio and, where measured, its 95% interval."""
+    ci = entry.get("ratio_ci95")
+    if not ci or ci[0] == ci[1]:
+        return _num(entry["ratio"])
+    return f"{_num(entry['ratio'])} ({_num(ci[0])}–{_num(ci[1])})"
+
+
 def _md_latency_shape(shape: dict[str, Any], result: dict[str, Any]) -> list[list[str]]:
     key = f"{shape['prompt_length']} × {shape['batch_size']}"
     if "skipped" in shape:
@@ -310,11 +318,11 @@ def _md_latency_shape(shape: dict[str, Any], result: dict[str, Any]) -> list[lis
                 key,
                 _label(result, name),
                 f"{_num(pre['median_ms'], 1)} / {_num(pre['p90_ms'], 1)}",
-                _num(pre["ratio"]),
+                _ratio(pre),
                 _num(pre["flop_ratio"]),
                 f"{_num(dec['median_ms_per_token'], 2)} / {_num(dec['p90_ms_per_token'], 2)}",
                 _num(dec["tokens_per_s"], 1),
-                _num(dec["ratio"]),
+                _ratio(dec),
                 _num(dec["flop_ratio"]),
                 _num(shape.get("cuda_peak_mb"), 0) if shape.get("cuda_peak_mb") else "–",
             ]
@@ -347,7 +355,8 @@ def _md_latency(result: dict[str, Any]) -> list[str]:
         f"Median of {cfg['repeats']} repeats after {cfg['warmup']} warm-up, all models of a "
         f"runtime interleaved. Decode: {cfg['decode_tokens']} greedy single-token steps with "
         "the KV cache after the prompt, timed per step. ratio = candidate / baseline time "
-        "(below 1 is faster); FLOP-ideal = candidate / baseline forward FLOPs."
+        "(below 1 is faster), in brackets its 95% bootstrap interval (rounds of the "
+        "interleaved run resampled); FLOP-ideal = candidate / baseline forward FLOPs."
     )
     return ["## Latency", "", intro, "", *lines]
 

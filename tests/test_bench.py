@@ -237,6 +237,8 @@ def test_latency_ratios_and_flop_ideal(torch_report: tuple[Path, dict[str, Any]]
             assert base["ratio"] == 1.0 and base["flop_ratio"] == 1.0
             assert cand["ratio"] > 0 and cand["tokens_per_s"] > 0
             assert cand["flop_ratio"] == pytest.approx(ideal, rel=1e-12)
+            lo, hi = cand["ratio_ci95"]
+            assert 0 < lo <= hi and base["ratio_ci95"] == [1.0, 1.0]
         assert shape["prefill"]["model"]["n"] == 2
         assert shape["decode"]["patched"]["n"] == 2 * 3  # repeats x steps
         assert shape["decode"]["patched"]["p90_ms_per_token"] >= 0

@@ -8,6 +8,7 @@ missing. lp-deploy writes the legacy fields beside the new ones (:mod:`lp_deploy
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -74,6 +75,26 @@ def _transformers4(model_dir: Path, ids: torch.Tensor, onnx_out: Path | None) ->
     return result
 
 
+def _lp_runtime_runs_optimum_export(
+    model_dir: Path, export: Path, ids: torch.Tensor, logits: torch.Tensor
+) -> None:
+    """lp-deploy's ONNX Runtime runtime (so ``lp-deploy bench --latency``) runs optimum's export:
+    same IO names (``past_key_values.N.key``, ``present.N.*``), same logits, KV cache reused."""
+    from lp_deploy.runtimes.ort_runtime import OrtRuntime
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # optimum wrote none for the toy
+        if not (export / name).is_file():
+            shutil.copy(model_dir / name, export / name)
+    rt = OrtRuntime(export, intra_op_num_threads=1)
+    batch, n = ids.shape
+    got, past = rt.forward(
+        ids[:, :-1], torch.ones(batch, n - 1), torch.arange(n - 1).expand(batch, -1), None
+    )
+    assert (got - logits[:, :-1]).abs().max() <= TOL
+    last, _ = rt.forward(ids[:, -1:], torch.ones(batch, n), torch.full((batch, 1), n - 1), past)
+    assert (last[:, -1] - logits[:, -1]).abs().max() <= TOL
+
+
 @pytest.mark.skipif(
     not COMPAT_PYTHON.is_file(),
     reason="compat environment .venv-compat (transformers 4.57 + optimum-onnx) is not built "
@@ -85,6 +106,7 @@ def test_transformers4_and_optimum_read_it_alike(tmp_path: Path) -> None:
     assert result["rope_theta"] == ROPE_THETA
     assert (torch.tensor(result["logits"]) - logits).abs().max() <= TOL
     assert result["onnx_max_abs_diff"] <= TOL
+    _lp_runtime_runs_optimum_export(out, tmp_path / "optimum-onnx", ids, logits)
 
     # Without the legacy fields transformers 4 reads another model (the defect this fixes).
     config_file = out / "config.json"

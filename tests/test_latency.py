@@ -9,6 +9,7 @@ from lp_deploy.benchmarks.latency import (
     interleaved_order,
     measure_interleaved,
     quantile,
+    ratio_interval,
     ratios,
 )
 
@@ -92,3 +93,17 @@ def test_statistics() -> None:
         quantile([], 0.5)
     with pytest.raises(ValueError):
         measure_interleaved({}, repeats=0)
+
+
+def test_ratio_interval_resamples_paired_rounds() -> None:
+    base = [[1.0 + 0.5 * (r % 3)] for r in range(12)]  # rounds slowed by the machine
+    same = [[0.8 * x for x in r] for r in base]  # always 0.8 of the baseline's round
+    assert ratio_interval(same, base) == pytest.approx((0.8, 0.8))
+    noisy = [[0.8 * x * (1.1 if r % 2 else 0.9)] for r, (x,) in enumerate(base)]
+    lo, hi = ratio_interval(noisy, base)
+    assert lo < 0.8 < hi and hi - lo < 0.4
+    assert ratio_interval(noisy, base) == (lo, hi)  # seeded: the report is reproducible
+    steps = [[0.5, 0.6, 0.7]] * 4  # decode: every step time of a call is one round
+    assert ratio_interval(steps, [[1.0, 1.2, 1.4]] * 4) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="same rounds"):
+        ratio_interval(steps, base)

@@ -60,7 +60,10 @@ def _shape(length: int) -> dict[str, Any]:
         "batch_size": 1,
         "decode_tokens": 8,
         "prefill": {"base": pre(100.0, 1.0, 1.0), "cand": pre(85.0, 0.85, 0.83)},
-        "decode": {"base": dec(40.0, 1.0, 1.0), "cand": dec(35.0, 0.875, 0.84)},
+        "decode": {
+            "base": dec(40.0, 1.0, 1.0),
+            "cand": {**dec(35.0, 0.875, 0.84), "ratio_ci95": [0.86, 0.89]},
+        },
         "cuda_peak_mb": None,
     }
 
@@ -162,8 +165,8 @@ def test_markdown_tables() -> None:
     # the average's stderr: sqrt(0.1^2 + 0.1^2) / 2 (tasks independent)
     assert "| **average** |  | 0.450 ± 0.071 | 0.375 ± 0.071 | **0.800** |" in md
     assert "| torch | cand | 25.000 | 1.250 |" in md
-    row = "| 64 × 1 | cand | 85.0 / 93.5 | 0.850 | 0.830 | 35.00 / 42.00 | 28.6 | 0.875 | 0.840 |"
-    assert row in md
+    row = "| 64 × 1 | cand | 85.0 / 93.5 | 0.850 | 0.830 | 35.00 / 42.00 | 28.6 |"
+    assert row + " 0.875 (0.860–0.890) | 0.840 |" in md  # without an interval: old reports
     assert "exceeds the context" in md
     assert "| torch | base (baseline) | 900.0 | 500.0 | – | 134.52M | 500.0 MB |" in md
     assert "| cand | candidate | 25 | 134.52M | 12,13,14,15,16 | rotate | no |" in md
