@@ -267,7 +267,12 @@ def _add_distill(sub: Any) -> None:
 
     d = DistillConfig(Path("."))
     p = sub.add_parser("distill", help="refine the patch by offline knowledge distillation")
-    p.add_argument("patched", type=Path, help="checkpoint written by 'lp-deploy patch'")
+    p.add_argument(
+        "patched",
+        type=Path,
+        help="checkpoint written by 'lp-deploy patch' (--patch lstsq is the best start for "
+        "--train full; diag needs --patch rotate)",
+    )
     p.add_argument("--data", default=d.data.data, help="distillation text (like --calib)")
     p.add_argument("--text-field", default=d.data.text_field)
     p.add_argument("--samples", type=int, default=d.data.samples, help="windows (10%% validate)")
