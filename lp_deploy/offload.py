@@ -36,7 +36,14 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from lp_deploy.adapters import ModelAdapter, get_adapter
 from lp_deploy.artifacts import Kind, inspect_artifact
@@ -276,6 +283,8 @@ def empty_model(
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code
         )
+    if (model_dir / GENERATION_CONFIG_NAME).is_file():  # as from_pretrained would
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
     return model.eval()
 
 

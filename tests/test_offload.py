@@ -125,7 +125,7 @@ def test_patch_offloaded_equals_in_memory(
     path = save_tiny_model(arch=family, tied=tied, num_layers=6)
     ref = _patch(path, text_file, None, offload=False)
     got = _patch(path, text_file, tmp_path / "ckpt", offload=True, patch="diag")
-    ref_diag = _patch(path, text_file, None, offload=False, patch="diag")
+    ref_diag = _patch(path, text_file, tmp_path / "ref", offload=False, patch="diag")
     assert got.summary["offload"]["offload"] and not ref.summary["offload"]["offload"]
     assert got.plan.removed == ref.plan.removed == ref_diag.plan.removed
     assert got.stats is not None and ref.stats is not None
@@ -141,6 +141,11 @@ def test_patch_offloaded_equals_in_memory(
         have = reloaded.model(input_ids=ids).logits
     assert float((have - want).abs().max()) <= 1e-5 * float(want.abs().max())
     assert reloaded.meta["calibration"]["tokens"] == 4 * 32
+    for name in ("config.json", "generation_config.json"):  # the same files, lp_deploy aside
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("ckpt", "ref"))
+        assert {k: v for k, v in a.items() if k != "lp_deploy"} == {
+            k: v for k, v in b.items() if k != "lp_deploy"
+        }
 
 
 def test_patch_cli_offload_logs_its_path(
