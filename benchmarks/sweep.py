@@ -16,7 +16,7 @@ from lp_deploy.aliases import DEFAULT_MODEL
 from lp_deploy.artifacts import Kind, check_out, clean_json, output_dir
 from lp_deploy.benchmarks.flops import profile_model
 from lp_deploy.benchmarks.latency import measure_interleaved, ratios
-from lp_deploy.calibration import CalibrationSpec
+from lp_deploy.calibration import HOLDOUT_WINDOWS, CalibrationSpec
 from lp_deploy.errors import LpDeployError
 from lp_deploy.fit import PATCH_KINDS
 from lp_deploy.fold import fold_model
@@ -48,7 +48,7 @@ class SweepConfig:
     latency_tokens: int = 16
     latency_repeats: int = 3
     candidates: int | None = None  # --select ppl: the K best cosine blocks (None: all)
-    holdout: int = 8  # --select ppl: held-back calibration windows
+    holdout: int = HOLDOUT_WINDOWS  # --select ppl: held-back calibration windows
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torch import nn
 
 from lp_deploy.adapters import ModelAdapter
 from lp_deploy.perplexity import window_nll
-from lp_deploy.prefix import suffix_hidden
+from lp_deploy.prefix import only_layers, suffix_hidden
 from lp_deploy.selection import Gap
 from lp_deploy.stats import _MlpRecorder, _Recorder
 
@@ -37,17 +37,20 @@ class BlockLoss:
 
     @torch.no_grad()
     def ensure(self, boundaries: Collection[int], mlp_layers: Collection[int] = ()) -> None:
-        """Record (one dense pass) the states entering ``boundaries`` and the MLP outputs of
-        ``mlp_layers`` that are not cached yet."""
+        """Record the states entering ``boundaries`` and the MLP outputs of ``mlp_layers``
+        that are not cached yet: one dense pass through the layers before the last of them
+        (boundary ``top`` is what the final norm receives when only ``top`` layers run)."""
         want = sorted(set(boundaries) - set(self.states))
         want_mlp = sorted(set(mlp_layers) - set(self.mlp))
         if not want and not want_mlp:
             return
-        recorder = _Recorder([*self.adapter.layers, self.adapter.final_norm])
+        top = max([*want, *(i + 1 for i in want_mlp)])  # run only the layers before it
+        recorder = _Recorder([*list(self.adapter.layers)[:top], self.adapter.final_norm])
         mlp = _MlpRecorder(self.adapter, want_mlp)
         try:
             for ids in self.batches:
-                self.adapter.backbone(input_ids=ids.to(self.device), use_cache=False)
+                with only_layers(self.adapter, 0, top):
+                    self.adapter.backbone(input_ids=ids.to(self.device), use_cache=False)
                 for b in want:
                     self.states.setdefault(b, []).append(_copy(recorder.states[b]))
                 for i in want_mlp:

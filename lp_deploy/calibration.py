@@ -14,6 +14,8 @@ from lp_deploy.data import data_file
 from lp_deploy.errors import LpDeployError
 
 HF_PREFIX = "hf:"
+#: held-back calibration windows ``--select ppl`` scores on (default of ``--holdout``)
+HOLDOUT_WINDOWS = 4
 
 
 def _read_jsonl(path: Path, field: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lp_deploy.calibration import CalibrationSpec
+from lp_deploy.calibration import HOLDOUT_WINDOWS, CalibrationSpec
 from lp_deploy.errors import LpDeployError
 from lp_deploy.fit import PATCH_KINDS
 from lp_deploy.perplexity import PerplexitySpec
@@ -73,9 +73,9 @@ def _add_ppl_selection(p: Any) -> None:
     p.add_argument(
         "--holdout",
         type=int,
-        default=8,
-        help="--select ppl: calibration windows held back for scoring (disjoint from the "
-        "fitting windows; default 8)",
+        default=HOLDOUT_WINDOWS,
+        help="--select ppl: calibration windows held back for scoring (no token shared with "
+        f"the fitting windows; default {HOLDOUT_WINDOWS})",
     )
 
 

@@ -24,7 +24,7 @@ from lp_deploy.adapters import ModelAdapter
 from lp_deploy.aliases import DEFAULT_MODEL
 from lp_deploy.artifacts import Kind, check_out, clean_json
 from lp_deploy.block_loss import BlockLoss
-from lp_deploy.calibration import CalibrationSpec
+from lp_deploy.calibration import HOLDOUT_WINDOWS, CalibrationSpec
 from lp_deploy.checkpoint import save_patched
 from lp_deploy.errors import LpDeployError
 from lp_deploy.fit import FitInputs, effective_kind, fit_patches, gram_requests, patch_kind
@@ -75,7 +75,7 @@ class PatchConfig:
     progress: bool = True
     ridge: float = 0.0  # least-squares kinds: relative ridge term
     candidates: int | None = None  # --select ppl: score only the K best cosine blocks
-    holdout: int = 8  # --select ppl: held-back calibration windows scored
+    holdout: int = HOLDOUT_WINDOWS  # --select ppl: held-back calibration windows scored
     offload: bool | None = None  # stream layers from safetensors; None: when it does not fit
     device_map: str | None = None  # "auto": accelerate spreads the model over the GPUs
 
@@ -131,7 +131,7 @@ class Calibrated:
     batch_size: int = 1
     progress: bool = True
     dense_pruned: bool = False  # set once the dense model was pruned in place
-    holdout: int = 8  # held-back calibration windows that ``ppl`` selection scores on
+    holdout: int = HOLDOUT_WINDOWS  # held-back calibration windows ``ppl`` selection scores
     scorer: BlockLoss | None = field(default=None, repr=False)  # their cached states
 
     @property
