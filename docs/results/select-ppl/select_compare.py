@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,63 @@ def stage_eval(cal: Calibrated, sel: dict[str, Any], args: argparse.Namespace) -
             _log(f"windows {lo}-{hi}: {len(gaps)} blocks in {wall:.0f}s (cpu {cpu:.0f}s)")
 
 
+def _name(block: tuple[int, int]) -> str:
+    """[12, 20) -> '12-19' (inclusive, as the README writes blocks)."""
+    a, b = block
+    return str(a) if b == a + 1 else f"{a}-{b - 1}"
+
+
+def _ppl_over(
+    ev: dict[tuple[int, int], dict[tuple[int, int], float]], block: tuple[int, int], hi: int
+) -> float | None:
+    """Perplexity of ``block`` on windows [0, hi) from the chunks that cover exactly that."""
+    parts = {w: loss for w, loss in ev.get(block, {}).items() if w[1] <= hi}
+    if sum(w[1] - w[0] for w in parts) != hi:
+        return None
+    return math.exp(sum(loss * (w[1] - w[0]) for w, loss in parts.items()) / hi)
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def stage_table(sel: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
+    """The README table from selection.json and eval.jsonl (markdown)."""
+    ev: dict[tuple[int, int], dict[tuple[int, int], float]] = {}
+    path = out / "eval.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        ev.setdefault(tuple(r["block"]), {})[tuple(r["windows"])] = r["loss"]
+    rows = [
+        "| n | cosine block | ppl block (its cosine rank) | held-back ppl, cosine / ppl "
+        f"| test ppl {args.check_limit} windows, cosine / ppl | best checked block, "
+        f"{args.check_limit} windows | test ppl {args.limit} windows, cosine / ppl "
+        "| selection s, wall (CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sel["points"]:
+        n, s, held = p["n"], p["ppl"], p["ppl"]["candidates"]
+        cos, pick = tuple(p["cosine"]["block"]), tuple(s["block"])
+        checked = [b for b in ev if b[1] - b[0] == n and _ppl_over(ev, b, args.check_limit)]
+        best = min(checked, key=lambda b: _ppl_over(ev, b, args.check_limit) or math.inf)
+        cells = [
+            str(n),
+            _name(cos),
+            f"{_name(pick)} ({s['cosine_rank']})",
+            f"{math.exp(held[cos[0]]):.1f} / {math.exp(held[pick[0]]):.1f}",
+            " / ".join(_fmt(_ppl_over(ev, b, args.check_limit)) for b in (cos, pick)),
+            f"{_fmt(_ppl_over(ev, best, args.check_limit))} ({_name(best)}, of {len(checked)})",
+            " / ".join(_fmt(_ppl_over(ev, b, args.limit)) for b in (cos, pick)),
+            f"{s['seconds']:.0f} ({s['cpu_seconds']:.0f})",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
-    ap.add_argument("--stage", default="all", choices=["select", "eval", "all"])
+    ap.add_argument("--stage", default="all", choices=["select", "eval", "all", "table"])
     ap.add_argument("--prune", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--kind", default="rotate")
     ap.add_argument("--holdout", type=int, default=HOLDOUT_WINDOWS)
@@ -114,6 +168,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--samples", type=int, default=CalibrationSpec.samples)
     args = ap.parse_args()
+    if args.stage == "table":
+        print(stage_table(json.loads((args.out / "selection.json").read_text()), args.out, args))
+        return
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
