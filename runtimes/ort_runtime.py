@@ -47,6 +47,17 @@ def import_ort() -> Any:
     return onnxruntime
 
 
+def load_tokenizer(artifact_dir: Path) -> Any:
+    """The export's tokenizer; a clear error when the directory has none (optimum's
+    ``optimum-cli export onnx`` writes none, for instance)."""
+    if not any(artifact_dir.glob("tokenizer*")):
+        raise LpDeployError(
+            f"{artifact_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json): "
+            "copy them from the source model's directory into it"
+        )
+    return AutoTokenizer.from_pretrained(artifact_dir)
+
+
 def onnx_path(artifact_dir: str | Path) -> Path:
     """``artifact_dir/model.onnx``; a clear error when the directory is not an ONNX export."""
     path = Path(artifact_dir).expanduser()
@@ -115,7 +126,7 @@ class OrtRuntime(Runtime):
         config_file = self.artifact_dir / CONFIG_FILE
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         self.max_length = int(self.config.get("max_position_embeddings") or 2048)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.artifact_dir)
+        self.tokenizer = load_tokenizer(self.artifact_dir)
         self.eos_token_ids = eos_ids(self.tokenizer, self._generation_config())
         on_cuda = CUDA in self.session.get_providers() or TENSORRT in self.session.get_providers()
         self.io_binding = on_cuda if io_binding is None else io_binding and on_cuda

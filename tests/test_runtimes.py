@@ -216,6 +216,15 @@ def test_wrong_artifact_kind(dense_export: Path, tiny_model_dir: Path, tmp_path:
         create_runtime("torch", dense_export)
 
 
+def test_export_without_tokenizer_is_refused_clearly(dense_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(dense_export, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(LpDeployError, match=r"has no tokenizer files.*copy them"):
+        create_runtime("onnxruntime", bare)
+
+
 def test_tensorrt_runtime_needs_tensorrt(dense_export: Path) -> None:
     import onnxruntime
 
