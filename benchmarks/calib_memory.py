@@ -12,11 +12,13 @@ relative difference between the two statistics.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,64 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """Largest anonymous and file-backed resident memory seen (``/proc/self/status``
+    ``RssAnon`` / ``RssFile``, sampled every ``period`` s; Linux only, else empty).
+    Memory-mapped safetensors pages are file-backed: counted by ``ru_maxrss``, yet clean
+    pages the kernel may drop under pressure."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _sample(self) -> None:
+        status = Path("/proc/self/status")
+        if not status.is_file():
+            return
+        for line in status.read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile"):
+                mb = int(line.split()[1]) / 1024
+                self.peak[key] = max(self.peak.get(key, 0.0), mb)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def measure_mode(
     model: str, calib: str, samples: int, seqlen: int, mode: str, stats_out: Path | None
 ) -> dict[str, Any]:
     """One calibration of ``model`` (a safetensors directory) in this process: ``memory``
     (loaded whole, :func:`collect_stats`), ``offload`` (:func:`streamed_stats`) or
-    ``imports`` (nothing but the imports both need); statistics saved to ``stats_out``."""
+    ``imports`` (nothing but the imports both need); statistics saved to ``stats_out``.
+    Besides ``ru_maxrss``: the largest ``RssAnon`` / ``RssFile`` sampled (:class:`RssSampler`)."""
+    for name in ("transformers", "lp_deploy.loading", "lp_deploy.offload", "lp_deploy.stats"):
+        importlib.import_module(name)
+    row: dict[str, Any] = {"mode": mode, "samples": samples, "seqlen": seqlen}
+    if mode == "imports":
+        return {**row, "peak_rss_mb": round(_peak_mb(), 1)}
+    with RssSampler() as sampler:
+        stats = _calibrate(model, calib, samples, seqlen, mode, row)
+    row["peak_rss_mb"] = round(_peak_mb(), 1)
+    row.update({f"peak_{k}_mb": round(v, 1) for k, v in sampler.peak.items()})
+    if stats_out is not None:
+        stats.save(stats_out)
+    return row
+
+
+def _calibrate(model: str, calib: str, samples: int, seqlen: int, mode: str, row: Any) -> Any:
     from transformers import AutoTokenizer
 
     from lp_deploy.calibration import CalibrationSpec
@@ -82,10 +136,6 @@ def measure_mode(
     from lp_deploy.offload import streamed_stats
     from lp_deploy.stats import collect_stats
 
-    row: dict[str, Any] = {"mode": mode, "samples": samples, "seqlen": seqlen}
-    if mode == "imports":
-        return {**row, "peak_rss_mb": round(_peak_mb(), 1)}
-    start = time.perf_counter()
     if mode == "memory":
         loaded = load_model(model)
         windows = CalibrationSpec(calib, samples, seqlen, seed=0).windows(loaded.tokenizer)
@@ -98,10 +148,7 @@ def measure_mode(
         start = time.perf_counter()
         stats = streamed_stats(Path(model), windows, progress=False)
     row["calibration_s"] = round(time.perf_counter() - start, 1)
-    row["peak_rss_mb"] = round(_peak_mb(), 1)
-    if stats_out is not None:
-        stats.save(stats_out)
-    return row
+    return stats
 
 
 def _max_rel(a: Any, b: Any) -> float:
