@@ -314,6 +314,29 @@ def fuse_for_ort(model: Any) -> tuple[Any, dict[str, int]]:
     return fused, {k: int(v) for k, v in counts.items() if v}
 
 
+def _rsqrt_as_div_rule() -> Any:
+    """``Mul(y, Reciprocal(Sqrt(x)))`` (either order) -> ``Div(y, Sqrt(x))``: the form ONNX
+    Runtime's SimplifiedLayerNormalization fusion (at session load) matches; the dynamo
+    exporter writes RMSNorm's ``rsqrt`` the other way. Exact up to rounding."""
+    from onnxscript.rewriter import pattern
+
+    def target(op: Any, y: Any, x: Any) -> Any:
+        return op.Mul(y, op.Reciprocal(op.Sqrt(x)))
+
+    def replacement(op: Any, y: Any, x: Any) -> Any:
+        return op.Div(y, op.Sqrt(x))
+
+    return pattern.RewriteRule(target, replacement, name="RsqrtAsDiv")
+
+
+def rsqrt_as_div(model: Any) -> dict[str, int]:
+    """Applies :func:`_rsqrt_as_div_rule` in place; returns ``{"rsqrt_as_div": count}`` (or {})."""
+    from onnxscript.rewriter import pattern
+
+    count = pattern.RewriteRuleSet([_rsqrt_as_div_rule()], commute=True).apply_to_model(model)
+    return {"rsqrt_as_div": int(count)} if count else {}
+
+
 def ort_offline_optimize(path: Path, external: bool) -> dict[str, int]:
     """ONNX Runtime's extended graph optimisation, written back over ``path``."""
     import onnx
@@ -644,6 +667,7 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         t0 = time.perf_counter()
         graph, fusions = fuse_for_ort(graph)
         seconds["fuse"] = time.perf_counter() - t0
+    fusions.update(rsqrt_as_div(graph))  # what onnxscript's fusions left, for ORT's own
     path = tmp / ONNX_FILE
     t0 = time.perf_counter()
     ir.save(graph, str(path), external_data=ONNX_DATA_FILE if external else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,28 @@ def test_folded_checkpoint_exports_per_channel_mul(tiny_checkpoint: Path, tmp_pa
 
 
 # --------------------------------------------------------------------------- options
+
+
+def test_default_export_norms_fuse_in_onnx_runtime(linear_export: Path, tmp_path: Path) -> None:
+    """RMSNorm's rsqrt is written as Sqrt -> Div (not Sqrt -> Reciprocal -> Mul), so ONNX
+    Runtime's SimplifiedLayerNormalization fusion fires at session load on the default export
+    (3 layers x 2 norms + the final one)."""
+    import onnxruntime as ort
+
+    report = read_report(linear_export)
+    assert report["optimize"] == 0 and report["fusions"]["rsqrt_as_div"] == 7
+    assert report["validation"]["passed"]
+    stored = Counter(n.op_type for n in onnx.load(str(linear_export / "model.onnx")).graph.node)
+    assert stored["Reciprocal"] == 0 and stored["Div"] >= 7
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(
+        str(linear_export / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
+    ran = Counter(n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node)
+    assert ran["SimplifiedLayerNormalization"] + ran["SkipSimplifiedLayerNormalization"] == 7
+    assert ran["Sqrt"] == 0
 
 
 def test_optimize_applies_fusions_and_validates(linear_ckpt: Path, tmp_path: Path) -> None:
