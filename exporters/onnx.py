@@ -76,9 +76,11 @@ FALLBACK_TEXT = (
 class OnnxExportConfig:
     """Options of ``lp-deploy export onnx``.
 
-    ``optimize``: 0/False none; 1/True onnxscript's ONNX Runtime fusions (RMSNorm, skip
-    RMSNorm, rotary embedding, attention); 2 additionally ONNX Runtime's own extended graph
-    optimisation, saved to disk (ties the file to the onnxruntime version and CPU/CUDA).
+    ``optimize``: 0/False none (but always RMSNorm's ``rsqrt`` rewritten as ``Sqrt`` -> ``Div``,
+    :func:`rsqrt_as_div`, which ONNX Runtime fuses at session load); 1/True onnxscript's ONNX
+    Runtime fusions (RMSNorm, skip RMSNorm, rotary embedding, attention); 2 additionally ONNX
+    Runtime's own extended graph optimisation, saved to disk (ties the file to the onnxruntime
+    version and CPU/CUDA).
     ``tolerance``: max |logit diff| against PyTorch fp32; default per dtype, see
     :func:`tolerances`.
     """
