@@ -34,6 +34,7 @@ from lp_deploy.errors import CheckpointError, ModelSourceError, OutputExistsErro
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 EXPORT_REPORT_FILE = "export.json"
@@ -61,7 +62,7 @@ _HF_FILES = (
     CONFIG_FILE,
     "generation_config.json",
     "model*.safetensors",
-    "model.safetensors.index.json",
+    WEIGHTS_INDEX_FILE,
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",

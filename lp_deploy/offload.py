@@ -46,7 +46,7 @@ from transformers import (
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from lp_deploy.adapters import ModelAdapter, get_adapter
-from lp_deploy.artifacts import Kind, inspect_artifact
+from lp_deploy.artifacts import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, Kind, inspect_artifact
 from lp_deploy.errors import LpDeployError
 from lp_deploy.hadamard import is_supported
 from lp_deploy.model import LoadedModel
@@ -56,8 +56,6 @@ from lp_deploy.sources import source_record
 from lp_deploy.stats import ActivationStats, _Reducer
 
 log = logging.getLogger(__name__)
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 class OffloadError(LpDeployError):
@@ -69,18 +67,18 @@ class OffloadError(LpDeployError):
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a model directory (sharded or not)."""
-    index = model_dir / INDEX_FILE
+    index = model_dir / WEIGHTS_INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / SINGLE_FILE
+    single = model_dir / WEIGHTS_FILE
     if single.is_file():
         with safe_open(str(single), "pt") as fh:
             return {name: single for name in fh.keys()}  # noqa: SIM118 (not a dict)
     found = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
     raise OffloadError(
         f"--offload streams layers from safetensors files, and {model_dir} has neither "
-        f"{SINGLE_FILE} nor {INDEX_FILE} (found: {', '.join(found[:8]) or 'nothing'}). "
+        f"{WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} (found: {', '.join(found[:8]) or 'nothing'}). "
         "Save the model with save_pretrained (safetensors), or calibrate in memory "
         "(--no-offload)."
     )
@@ -391,7 +389,7 @@ def model_dir_of(source: str | Path) -> Path | None:
         return None
     location, _ = source_record(artifact, hashes=False)
     path = Path(location)
-    has_weights = (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()
+    has_weights = (path / WEIGHTS_FILE).is_file() or (path / WEIGHTS_INDEX_FILE).is_file()
     return path if has_weights else None
 
 
