@@ -364,19 +364,24 @@ def ort_offline_optimize(path: Path, external: bool) -> dict[str, int]:
     return {f"ort:{k}": v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
 
 
-def check_self_contained(path: Path) -> None:
-    """Every external initializer of ``path`` lives in ``model.onnx.data`` beside it (and
-    that file exists when any does): the export directory can be moved as a whole."""
+def external_data_locations(path: Path) -> set[str]:
+    """The files (relative to ``path``'s folder) that ``path``'s external initializers name."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    locations = {
+    return {
         entry.value
         for init in graph.initializer
         if init.data_location == onnx.TensorProto.EXTERNAL
         for entry in init.external_data
         if entry.key == "location"
     }
+
+
+def check_self_contained(path: Path) -> None:
+    """Every external initializer of ``path`` lives in ``model.onnx.data`` beside it (and
+    that file exists when any does): the export directory can be moved as a whole."""
+    locations = external_data_locations(path)
     stray = sorted(locations - {ONNX_DATA_FILE})
     if stray:
         raise VerificationError(

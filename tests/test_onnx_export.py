@@ -24,7 +24,13 @@ from lp_deploy.errors import (
     VerificationError,
 )
 from lp_deploy.exporters import onnx as onnx_export
-from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx, read_report, tolerances
+from lp_deploy.exporters.onnx import (
+    OnnxExportConfig,
+    export_onnx,
+    external_data_locations,
+    read_report,
+    tolerances,
+)
 from lp_deploy.model import LoadedModel
 from lp_deploy.modules import LinearPatch, ScalePatch
 from lp_deploy.prune import apply_plan
@@ -245,15 +251,7 @@ def test_optimize_applies_fusions_and_validates(linear_ckpt: Path, tmp_path: Pat
     )
     out = export_onnx(cfg).out
     assert sorted(p.name for p in out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    locations = {
-        entry.value
-        for init in graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    }
-    assert locations == {"model.onnx.data"}
+    assert external_data_locations(out / "model.onnx") == {"model.onnx.data"}
     report = read_report(out)
     assert report["optimize"] == 2 and report["external_data"]
     assert report["fusions"].get("skip_rms_normalization", 0) > 0
