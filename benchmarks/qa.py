@@ -411,13 +411,19 @@ def evaluate_task(
     data_dir: str | Path | None = None,
     limit: int | None = None,
     progress: bool = True,
+    chunk: int = 64,
 ) -> TaskResult:
-    """Score one task: all its requests go to ``loglikelihood`` in a single call."""
+    """Score one task, ``chunk`` examples per ``loglikelihood`` call (an example's choices stay
+    in one call, so shared-context scoring still applies); the progress bar counts examples."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     examples = load_task(name, data_dir, limit)
-    requests = [r for ex in examples for r in ex.requests]
-    with tqdm(total=len(requests), desc=name, unit="req", disable=not progress) as bar:
-        lls = loglikelihood(requests)
-        bar.update(len(requests))
+    lls: list[float] = []
+    with tqdm(total=len(examples), desc=name, unit="q", disable=not progress) as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start : start + chunk]
+            lls += loglikelihood([r for ex in part for r in ex.requests])
+            bar.update(len(part))
     return score_examples(name, examples, lls)
 
 
