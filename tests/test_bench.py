@@ -413,3 +413,22 @@ def test_cli_sweep_latency_and_folded_points(
         assert 0 < point["metrics"]["flop_ratio"] < 1  # 6 of 8 layers remain
     # folding is exact, so it must not move perplexity
     assert folded["metrics"]["ppl"] == pytest.approx(rotate["metrics"]["ppl"], rel=1e-4)
+
+
+def test_qa_speed_side_by_side(
+    tiny_checkpoint: Path, qa_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lp_deploy.benchmarks import qa_speed
+
+    argv = [str(tiny_checkpoint), "--runtime", "torch", "--tasks", "copa,arc_easy", "--limit", "3"]
+    assert qa_speed.main([*argv, "--data-dir", str(qa_dir)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["task"] for r in rows] == ["copa", "arc_easy", "total"]
+    copa = rows[0]
+    assert (copa["n"], copa["full_n"]) == (3, 100)
+    assert set(copa["seconds"]) == {"plain", "shared"} and min(copa["seconds"].values()) > 0
+    scale = copa["full_seconds_estimate"]["plain"] / copa["seconds"]["plain"]
+    assert scale == pytest.approx(100 / 3)
+    assert rows[-1]["n"] == 6 and rows[-1]["max_abs_diff"] <= 1e-3
+    with pytest.raises(SystemExit):
+        qa_speed.main([*argv, "--tasks", "nope"])
