@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lp_deploy.benchmarks.qa import TASKS, load_task
+from lp_deploy.benchmarks.bench import parse_tasks
+from lp_deploy.benchmarks.qa import load_task
+from lp_deploy.errors import LpDeployError
 from lp_deploy.runtimes import Runtime, create_runtime
 
 MODES = ("plain", "shared")
@@ -72,46 +74,48 @@ def time_task(
     )
 
 
-def total(rows: Sequence[TaskSpeed]) -> dict[str, object]:
-    """Sums over tasks: measured seconds and the whole-set estimates, per mode."""
+def total(rows: Sequence[TaskSpeed]) -> TaskSpeed:
+    """Sums over tasks (``task="total"``): measured seconds and whole-set estimates, per mode."""
     measured = {m: sum(r.seconds[m] for r in rows) for m in MODES}
-    full = {m: sum(r.full_seconds_estimate[m] for r in rows) for m in MODES}
-    return {
-        "task": "total",
-        "n": sum(r.n for r in rows),
-        "full_n": sum(r.full_n for r in rows),
-        "seconds": measured,
-        "full_seconds_estimate": full,
-        "speedup": measured["plain"] / measured["shared"],
-        "max_abs_diff": max(r.max_abs_diff for r in rows),
-    }
+    return TaskSpeed(
+        task="total",
+        n=sum(r.n for r in rows),
+        full_n=sum(r.full_n for r in rows),
+        seconds=measured,
+        full_seconds_estimate={m: sum(r.full_seconds_estimate[m] for r in rows) for m in MODES},
+        speedup=measured["plain"] / measured["shared"],
+        max_abs_diff=max(r.max_abs_diff for r in rows),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("model", help="an ONNX export (onnxruntime) or a model directory (torch)")
     p.add_argument("--runtime", default="onnxruntime")
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default="all", help="'piqa,arc_easy,...' or 'all'")
     p.add_argument("--limit", type=int, default=100, help="first N examples per task")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--tol", type=float, default=1e-3, help="max |log-likelihood diff| allowed")
     args = p.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    try:
+        tasks = parse_tasks(args.tasks)
+    except LpDeployError as exc:
+        p.error(str(exc))
     rt = create_runtime(args.runtime, args.model, threads=args.threads)
     rows = []
     for i, task in enumerate(tasks):
         row = time_task(rt, task, args.limit, args.batch_size, args.data_dir, MODES[i % 2])
         print(json.dumps(asdict(row)), flush=True)
         rows.append(row)
-    print(json.dumps(total(rows)), flush=True)
-    worst = max(r.max_abs_diff for r in rows)
-    if worst > args.tol:
-        print(f"plain and shared scoring differ by {worst:.3g} > --tol {args.tol}", file=sys.stderr)
+    summary = total(rows)
+    print(json.dumps(asdict(summary)), flush=True)
+    if summary.max_abs_diff > args.tol:
+        print(
+            f"plain and shared scoring differ by {summary.max_abs_diff:.3g} > --tol {args.tol}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
