@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lp_deploy.benchmarks.qa import TaskResult, paired_differences
+from lp_deploy.benchmarks.qa import Metric, TaskResult, paired_differences
 
 
 def load(reports: list[Path], runtime: str) -> dict[str, dict[str, TaskResult]]:
@@ -29,14 +29,14 @@ def load(reports: list[Path], runtime: str) -> dict[str, dict[str, TaskResult]]:
     return merged
 
 
-def _acc(res: TaskResult, metric: str) -> tuple[float, float]:
+def _acc(res: TaskResult, metric: Metric) -> tuple[float, float]:
     if metric == "acc_norm" and res.acc_norm is not None and res.acc_norm_stderr is not None:
         return res.acc_norm, res.acc_norm_stderr
     return res.acc, res.acc_stderr
 
 
 def accuracy_table(
-    results: dict[str, dict[str, TaskResult]], names: dict[str, str], metric: str
+    results: dict[str, dict[str, TaskResult]], names: dict[str, str], metric: Metric
 ) -> str:
     tasks = list(next(iter(results.values())))
     head = (
@@ -46,14 +46,15 @@ def accuracy_table(
     )
     rows = [head, "|---" * (len(tasks) + 2) + "|"]
     for name, res in results.items():
-        cells = [f"{_acc(res[t], metric)[0]:.4f} ± {_acc(res[t], metric)[1]:.4f}" for t in tasks]
-        mean = sum(_acc(res[t], metric)[0] for t in tasks) / len(tasks)
+        values = [_acc(res[t], metric) for t in tasks]
+        cells = [f"{acc:.4f} ± {se:.4f}" for acc, se in values]
+        mean = sum(acc for acc, _ in values) / len(values)
         rows.append(f"| {names.get(name, name)} | " + " | ".join(cells) + f" | {mean:.4f} |")
     return "\n".join(rows)
 
 
 def paired_table(
-    results: dict[str, dict[str, TaskResult]], ref: str, names: dict[str, str], metric: str
+    results: dict[str, dict[str, TaskResult]], ref: str, names: dict[str, str], metric: Metric
 ) -> str:
     tasks = [*next(iter(results.values())), "all"]
     rows = [
@@ -63,7 +64,7 @@ def paired_table(
     for name, res in results.items():
         if name == ref:
             continue
-        diffs = paired_differences(res, results[ref], metric)  # type: ignore[arg-type]
+        diffs = paired_differences(res, results[ref], metric)
         cells = [
             f"{100 * diffs[t].diff:+.2f} ± {100 * diffs[t].stderr:.2f}"
             + ("*" if diffs[t].significant else "")
