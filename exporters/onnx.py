@@ -577,8 +577,10 @@ def _quant_meta(q: QuantizeConfig | None) -> dict[str, Any] | None:
     if q is None:
         return None
     meta: dict[str, Any] = {"mode": q.mode, "exclude": list(q.exclude)}
-    if q.mode == "int4":
-        meta.update(block_size=q.block_size, accuracy_level=q.accuracy_level)
+    if q.blockwise:
+        meta.update(method="block", block_size=q.block_size, accuracy_level=q.level)
+    else:
+        meta.update(method="dynamic")
     return meta
 
 

@@ -1,11 +1,13 @@
 """Quantized ONNX exports, made with ONNX Runtime's own tools and validated on real text.
 
-* ``int8``: :func:`onnxruntime.quantization.quantize_dynamic`: int8 weights (per tensor by
-  default, ``per_channel`` on request),
-  activations quantized to int8 at run time (``DynamicQuantizeLinear`` + ``MatMulInteger``).
-* ``int4``: ONNX Runtime's ``MatMulNBitsQuantizer``: block-wise 4-bit weights in
-  ``MatMulNBits`` (``block_size`` 32/64/128); ``accuracy_level`` 4 also quantizes the
-  activations to int8 inside the kernel, 0 keeps them in fp32.
+* ``int8`` (default method ``block``): ONNX Runtime's ``MatMulNBitsQuantizer`` with 8 bits:
+  block-wise int8 weights in ``MatMulNBits`` (``block_size`` 32/64/128); ``accuracy_level``
+  4 (its default here) also quantizes the activations to int8 inside the kernel, the fast
+  path on CPU (level 0 dequantizes the weights on every call: correct but slower than fp32).
+  Method ``dynamic``: :func:`onnxruntime.quantization.quantize_dynamic`: int8 weights with
+  one scale per tensor (``per_channel`` on request), activations quantized at run time
+  (``DynamicQuantizeLinear`` + ``MatMulInteger``).
+* ``int4``: the same ``MatMulNBitsQuantizer`` with 4 bits (accuracy level 0 by default).
 
 Only the MatMuls with a constant weight are quantized; the graph's inputs and outputs (the
 KV-cache IO) are unchanged. Exact logit tolerances do not apply to a quantized graph, so it is
@@ -41,8 +43,11 @@ from lp_deploy.perplexity import LogitsFn, perplexity_of, window_nll
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("int8", "int4")
+INT8_METHODS = ("block", "dynamic")
 BLOCK_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)
+#: accuracy level when none is given (block-wise int8 is fast on CPU only with level 4)
+DEFAULT_ACCURACY_LEVEL = {"int8": 4, "int4": 0}
 #: (max relative perplexity increase, min greedy-token agreement) per mode
 DEFAULT_LIMITS: dict[str, tuple[float, float]] = {"int8": (0.05, 0.80), "int4": (0.10, 0.80)}
 #: weights lp-deploy itself adds that must stay exact (the online Hadamard transform)
@@ -65,7 +70,8 @@ class QuantizeConfig:
 
     mode: str
     block_size: int = 32
-    accuracy_level: int = 0
+    accuracy_level: int | None = None  # None: DEFAULT_ACCURACY_LEVEL of the mode
+    int8_method: str = "block"  # int8 only: block (MatMulNBits) or dynamic (quantize_dynamic)
     exclude: tuple[str, ...] = ()
     max_ppl_increase: float | None = None
     min_agreement: float | None = None
@@ -73,7 +79,7 @@ class QuantizeConfig:
     windows: int = 8
     seqlen: int = 512
     auto_exclude: int = 0  # keep the N most sensitive groups in fp32 (a sensitivity scan)
-    #: int8 per-channel weight scales; off by default: with onnxruntime 1.32 per-channel
+    #: dynamic int8 per-channel weight scales; off by default: with onnxruntime 1.32 per-channel
     #: MatMulInteger graphs came out far less accurate than per-tensor ones (SmolLM2:
     #: perplexity 27.6 -> 1.6e6, greedy agreement 0%), see docs/results/quantization.md
     per_channel: bool = False
@@ -85,16 +91,28 @@ class QuantizeConfig:
             raise LpDeployError(
                 f"unsupported quantization {self.mode!r}; choose one of {', '.join(QUANT_MODES)}"
             )
+        if self.mode == "int8" and self.int8_method not in INT8_METHODS:
+            raise LpDeployError(
+                f"unsupported int8 method {self.int8_method!r}; choose one of "
+                f"{', '.join(INT8_METHODS)}"
+            )
         if self.block_size not in BLOCK_SIZES:
             raise LpDeployError(
                 f"block size {self.block_size} is not supported; choose one of "
-                f"{', '.join(map(str, BLOCK_SIZES))} (int4 weights per scale)"
+                f"{', '.join(map(str, BLOCK_SIZES))} (weights per scale)"
             )
-        if self.accuracy_level not in ACCURACY_LEVELS:
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise LpDeployError(
                 f"accuracy level {self.accuracy_level} is not supported; choose 0 (fp32 "
                 "activations) or 4 (int8 activations)"
             )
+        if not self.blockwise and self.accuracy_level is not None:
+            raise LpDeployError(
+                "--accuracy-level applies to block-wise quantization (MatMulNBits); dynamic "
+                "int8 always quantizes the activations: drop it or use --int8-method block"
+            )
+        if self.per_channel and self.blockwise:
+            raise LpDeployError("per_channel applies to dynamic int8 only (int8_method='dynamic')")
         ppl, agree = self.limits()
         if not (ppl >= 0 and math.isfinite(ppl)) or not 0 <= agree <= 1:
             raise LpDeployError(
@@ -105,6 +123,24 @@ class QuantizeConfig:
             raise LpDeployError("auto_exclude must be >= 0 and scan_windows >= 1")
         if self.windows < 1 or self.seqlen < 2:
             raise LpDeployError("quantization validation needs >= 1 window of >= 2 tokens")
+
+    @property
+    def blockwise(self) -> bool:
+        """Block-wise weights in MatMulNBits (int4, and int8 by the default method)."""
+        return self.mode == "int4" or self.int8_method == "block"
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.mode == "int8" else 4
+
+    @property
+    def level(self) -> int | None:
+        """The accuracy level used (None for dynamic int8, which has none)."""
+        if not self.blockwise:
+            return None
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return DEFAULT_ACCURACY_LEVEL[self.mode]
 
     def limits(self) -> tuple[float, float]:
         """(max relative perplexity increase, min greedy-token agreement)."""
@@ -136,6 +172,8 @@ class QuantReport:
     """What was quantized and how (the ``quantization`` record of ``export.json``)."""
 
     mode: str
+    method: str  # block (MatMulNBits) or dynamic
+    bits: int
     tool: str
     block_size: int | None
     accuracy_level: int | None
@@ -224,7 +262,7 @@ def _load(path: Path) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
-def _quantize_int8(
+def _quantize_dynamic(
     src: Path, dst: Path, exclude: list[str], external: bool, per_channel: bool
 ) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -241,7 +279,7 @@ def _quantize_int8(
     )
 
 
-def _quantize_int4(
+def _quantize_blockwise(
     src: Path, dst: Path, exclude: list[str], external: bool, cfg: QuantizeConfig
 ) -> None:
     import onnx
@@ -250,9 +288,10 @@ def _quantize_int4(
     model = onnx.load(str(src))
     quant = MatMulNBitsQuantizer(
         model,
+        bits=cfg.bits,
         block_size=cfg.block_size,
         is_symmetric=False,  # ONNX Runtime's default: asymmetric, with zero points
-        accuracy_level=cfg.accuracy_level,
+        accuracy_level=cfg.level,
         nodes_to_exclude=exclude,
     )
     quant.process()
@@ -263,11 +302,11 @@ def quantize_file(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str])
     """Quantize the graph ``src`` into ``dst`` (same directory layout); returns the tool."""
     external = (src.parent / ONNX_DATA_FILE).is_file()
     with quiet_quantizers():
-        if cfg.mode == "int8":
-            _quantize_int8(src, dst, exclude, external, cfg.per_channel)
-            return "onnxruntime.quantization.quantize_dynamic"
-        _quantize_int4(src, dst, exclude, external, cfg)
-    return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
+        if cfg.blockwise:
+            _quantize_blockwise(src, dst, exclude, external, cfg)
+            return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
+        _quantize_dynamic(src, dst, exclude, external, cfg.per_channel)
+    return "onnxruntime.quantization.quantize_dynamic"
 
 
 @contextlib.contextmanager
@@ -506,10 +545,12 @@ def _quantize_and_check(
     seconds["quantize"] = time.perf_counter() - t0
     report = QuantReport(
         mode=cfg.mode,
+        method="block" if cfg.blockwise else "dynamic",
+        bits=cfg.bits,
         tool=tool,
-        block_size=cfg.block_size if cfg.mode == "int4" else None,
-        accuracy_level=cfg.accuracy_level if cfg.mode == "int4" else None,
-        per_channel=cfg.per_channel if cfg.mode == "int8" else None,
+        block_size=cfg.block_size if cfg.blockwise else None,
+        accuracy_level=cfg.level,
+        per_channel=None if cfg.blockwise else cfg.per_channel,
         quantized=count_quantized(dst),
         excluded=sorted(set(excluded.values())),
         fp32_bytes=_bytes(ref_dir),
@@ -540,7 +581,9 @@ def _quantize_and_check(
 __all__ = [
     "ACCURACY_LEVELS",
     "BLOCK_SIZES",
+    "DEFAULT_ACCURACY_LEVEL",
     "DEFAULT_LIMITS",
+    "INT8_METHODS",
     "QUANT_MODES",
     "QuantReport",
     "QuantValidation",

@@ -379,12 +379,24 @@ def _add_quantize(o: Any) -> None:
         "--quantize",
         default=None,
         metavar="int8|int4",
-        help="int8: dynamic int8 (ONNX Runtime quantize_dynamic); int4: block-wise "
-        "4-bit weights (MatMulNBits)",
+        help="int8: block-wise int8 weights (MatMulNBits; --int8-method dynamic: "
+        "quantize_dynamic); int4: block-wise 4-bit weights (MatMulNBits)",
     )
-    o.add_argument("--block-size", type=int, default=32, help="int4: 32, 64 or 128")
     o.add_argument(
-        "--accuracy-level", type=int, default=0, help="int4: 0 fp32 or 4 int8 activations"
+        "--int8-method",
+        default="block",
+        metavar="block|dynamic",
+        help="int8: block (MatMulNBits, 8 bits; default) or dynamic (int8 weights with one "
+        "scale per tensor and int8 activations: MatMulInteger)",
+    )
+    o.add_argument(
+        "--block-size", type=int, default=32, help="block-wise: 32, 64 or 128 weights per scale"
+    )
+    o.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        help="block-wise: 0 fp32 or 4 int8 activations (default: 4 for int8, 0 for int4)",
     )
     o.add_argument(
         "--exclude",
@@ -425,6 +437,7 @@ def _quantize_config(args: argparse.Namespace) -> Any:
         return None
     return QuantizeConfig(
         mode=args.quantize,
+        int8_method=args.int8_method,
         block_size=args.block_size,
         accuracy_level=args.accuracy_level,
         exclude=tuple(args.exclude),
@@ -438,7 +451,7 @@ def _quantize_config(args: argparse.Namespace) -> Any:
 
 
 def _print_quantization(q: dict[str, Any]) -> None:
-    what = q["mode"]
+    what = f"{q['mode']} {'block-wise' if q['block_size'] else 'dynamic'}"
     if q["block_size"]:
         what += f" (block {q['block_size']}, accuracy level {q['accuracy_level']})"
     if q.get("sensitivity"):

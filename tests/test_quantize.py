@@ -94,10 +94,11 @@ def test_int8_graph_keeps_io_and_validates(
 ) -> None:
     out, q = int8_export
     assert io_signature(out) == io_signature(fp32_export)
-    ops = op_counts(out)
-    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == q.quantized == 15
+    assert op_counts(out).get("MatMulNBits", 0) == q.quantized == 15
+    assert {a["bits"] for a in nbits_attributes(out)} == {8}
     assert not any(p.name.startswith(".fp32") for p in out.iterdir())
-    assert q.mode == "int8" and q.per_channel is False and q.block_size is None
+    assert (q.mode, q.method, q.bits, q.block_size, q.accuracy_level) == ("int8", "block", 8, 32, 4)
+    assert q.per_channel is None
     assert q.onnx_bytes < q.fp32_bytes and q.excluded == []
     v = q.validation
     assert v is not None and v.passed and v.windows == 4 and v.seqlen == 64
@@ -108,10 +109,40 @@ def test_int8_graph_keeps_io_and_validates(
     assert report["quantization"]["validation"]["perplexity"] == v.perplexity
     assert report["onnx_bytes"] == q.onnx_bytes
     meta = json.loads((out / "config.json").read_text())["lp_deploy"]["export"]
-    assert meta["quantization"] == {"mode": "int8", "exclude": []}
+    assert meta["quantization"] == {
+        "mode": "int8",
+        "exclude": [],
+        "method": "block",
+        "block_size": 32,
+        "accuracy_level": 4,
+    }
     again = OnnxExportConfig(model=str(out), out=out.parent / "twice", quantize=q_int4())
     with pytest.raises(LpDeployError, match="is not an fp32 export"):
         export_onnx(again)
+
+
+def nbits_attributes(export_dir: Path) -> list[dict[str, Any]]:
+    model = onnx.load(str(export_dir / "model.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+
+
+def test_int8_dynamic(fp32_export: Path, text: Path, tmp_path: Path) -> None:
+    """The other int8 method: per-tensor int8 weights, activations quantized at run time."""
+    cfg = quant_config(text, mode="int8", int8_method="dynamic")
+    out, q = quantized_copy(fp32_export, tmp_path / "dyn", cfg)
+    ops = op_counts(out)
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == q.quantized == 15
+    assert ops.get("MatMulNBits", 0) == 0 and io_signature(out) == io_signature(fp32_export)
+    assert (q.method, q.bits, q.block_size, q.accuracy_level, q.per_channel) == (
+        "dynamic",
+        8,
+        None,
+        None,
+        False,
+    )
+    assert q.tool == "onnxruntime.quantization.quantize_dynamic"
+    assert q.validation is not None and q.validation.passed
 
 
 def q_int4() -> QuantizeConfig:
@@ -131,10 +162,10 @@ def test_int4_with_exclusions(fp32_export: Path, text: Path, tmp_path: Path) -> 
     out, q = quantized_copy(fp32_export, tmp_path / "int4", cfg)
     assert q.block_size == 64 and q.accuracy_level == 0 and q.excluded == ["lm_head"]
     assert op_counts(out).get("MatMulNBits", 0) == q.quantized == 2 * 7
+    # accuracy level 0 is the operator's default: the quantizer leaves the attribute out
+    attrs = nbits_attributes(out)
+    assert {(a["block_size"], a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(64, 4, 0)}
     model = onnx.load(str(out / "model.onnx"))
-    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
-    assert attrs["block_size"] == 64 and attrs["bits"] == 4
     assert list(quantize.matmul_weights(model).values()) == ["lm_head"]  # still fp32
 
 
@@ -213,6 +244,11 @@ def test_failed_validation_leaves_nothing(
         (["--quantize", "int3"], "unsupported quantization 'int3'; choose one of int8, int4"),
         (["--quantize", "int4", "--block-size", "7"], "block size 7 is not supported"),
         (["--quantize", "int4", "--accuracy-level", "2"], "accuracy level 2"),
+        (["--quantize", "int8", "--int8-method", "static"], "unsupported int8 method 'static'"),
+        (
+            ["--quantize", "int8", "--int8-method", "dynamic", "--accuracy-level", "4"],
+            "--accuracy-level applies to block-wise quantization",
+        ),
         (["--quantize", "int8", "--dtype", "fp16"], "quantizes an fp32 graph"),
         (["--quantize", "int8", "--min-agreement", "1.5"], "agreement in"),
     ],
@@ -263,7 +299,7 @@ def test_cli_int4_export(
     argv += ["--max-ppl-increase", "0.5", "--min-agreement", "0.2", "--accuracy-level", "4"]
     assert main([*argv, "--decode-steps", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "quantized 15 MatMuls to int4 (block 32, accuracy level 4)" in printed
+    assert "quantized 15 MatMuls to int4 block-wise (block 32, accuracy level 4)" in printed
     assert "vs fp32 on 2 x 32 tokens: perplexity" in printed
     report = read_report(out)
     assert report["validation"]["passed"]  # the fp32 graph against PyTorch, before quantizing
@@ -273,6 +309,7 @@ def test_cli_int4_export(
     assert meta["quantization"] == {
         "mode": "int4",
         "exclude": [],
+        "method": "block",
         "block_size": 32,
         "accuracy_level": 4,
     }
@@ -314,5 +351,6 @@ def test_cli_quantizes_an_existing_export(
     argv += ["--text", str(text), "--quant-windows", "2", "--quant-seqlen", "32"]
     assert main([*argv, "--max-ppl-increase", "0.5", "--min-agreement", "0.2"]) == 0
     printed = capsys.readouterr().out
-    assert "quantized 15 MatMuls to int8; kept in fp32: none" in printed
+    expected = "quantized 15 MatMuls to int8 block-wise (block 32, accuracy level 4); kept in fp32"
+    assert f"{expected}: none" in printed
     assert read_report(out)["quantized_from"] == str(fp32_export)
