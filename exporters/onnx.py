@@ -579,6 +579,8 @@ def _quant_meta(q: QuantizeConfig | None) -> dict[str, Any] | None:
     meta: dict[str, Any] = {"mode": q.mode, "exclude": list(q.exclude)}
     if q.blockwise:
         meta.update(method="block", block_size=q.block_size, accuracy_level=q.level)
+        if q.fallback != "fp32":
+            meta.update(fallback=q.fallback)
     else:
         meta.update(method="dynamic")
     return meta

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 QUANT_MODES = ("int8", "int4")
 INT8_METHODS = ("block", "dynamic")
+#: precision of the weights kept out of int4 (--exclude, --auto-exclude)
+FALLBACKS = ("fp32", "int8")
+#: the sensitivity scan's unit: one decoder layer's projections, or one kind across the layers
+SCAN_UNITS = ("layer", "kind")
 BLOCK_SIZES = (32, 64, 128)
 ACCURACY_LEVELS = (0, 4)
 #: accuracy level when none is given (block-wise int8 is fast on CPU only with level 4)
@@ -78,7 +82,9 @@ class QuantizeConfig:
     text: str | None = None  # None: wikitext-2 test (a built-in paragraph when absent)
     windows: int = 8
     seqlen: int = 512
-    auto_exclude: int = 0  # keep the N most sensitive groups in fp32 (a sensitivity scan)
+    auto_exclude: int = 0  # keep the N most sensitive groups out (a sensitivity scan)
+    scan_by: str = "layer"  # the scan's group: layer (model.layers.3) or kind (q_proj)
+    fallback: str = "fp32"  # int4: precision of the weights kept out: fp32 or int8 (block)
     #: dynamic int8 per-channel weight scales; off by default: with onnxruntime 1.32 per-channel
     #: MatMulInteger graphs came out far less accurate than per-tensor ones (SmolLM2:
     #: perplexity 27.6 -> 1.6e6, greedy agreement 0%), see docs/results/quantization.md
@@ -110,6 +116,16 @@ class QuantizeConfig:
             raise LpDeployError(
                 "--accuracy-level applies to block-wise quantization (MatMulNBits); dynamic "
                 "int8 always quantizes the activations: drop it or use --int8-method block"
+            )
+        if self.fallback not in FALLBACKS or self.scan_by not in SCAN_UNITS:
+            raise LpDeployError(
+                f"fallback must be one of {', '.join(FALLBACKS)} and scan_by one of "
+                f"{', '.join(SCAN_UNITS)}; got {self.fallback!r} and {self.scan_by!r}"
+            )
+        if self.fallback == "int8" and self.mode != "int4":
+            raise LpDeployError(
+                "--fallback int8 keeps weights out of int4 in block-wise int8; it needs "
+                "--quantize int4 (with --quantize int8 the weights kept out stay fp32)"
             )
         if self.per_channel and self.blockwise:
             raise LpDeployError("per_channel applies to dynamic int8 only (int8_method='dynamic')")
@@ -180,6 +196,7 @@ class QuantReport:
     per_channel: bool | None
     quantized: int
     excluded: list[str]
+    fallback: str  # precision of the excluded weights: fp32, or int8 (int4 mode)
     fp32_bytes: int
     onnx_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -279,31 +296,47 @@ def _quantize_dynamic(
     )
 
 
-def _quantize_blockwise(
-    src: Path, dst: Path, exclude: list[str], external: bool, cfg: QuantizeConfig
-) -> None:
-    import onnx
+def _nbits_pass(model: Any, bits: int, level: int | None, cfg: QuantizeConfig, skip: Any) -> Any:
+    """One ``MatMulNBitsQuantizer`` pass over the MatMuls not in ``skip``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
     quant = MatMulNBitsQuantizer(
         model,
-        bits=cfg.bits,
+        bits=bits,
         block_size=cfg.block_size,
         is_symmetric=False,  # ONNX Runtime's default: asymmetric, with zero points
-        accuracy_level=cfg.level,
-        nodes_to_exclude=exclude,
+        accuracy_level=level,
+        nodes_to_exclude=sorted(skip),
     )
     quant.process()
-    quant.model.save_model_to_file(str(dst), use_external_data_format=external)
+    return quant.model
 
 
-def quantize_file(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> str:
-    """Quantize the graph ``src`` into ``dst`` (same directory layout); returns the tool."""
+def _quantize_blockwise(
+    src: Path, dst: Path, exclude: list[str], external: bool, cfg: QuantizeConfig, int8: list[str]
+) -> None:
+    """``cfg.bits`` on every MatMul but ``exclude``; first 8 bits on ``int8`` (a MatMul the
+    first pass turned into ``MatMulNBits`` is no MatMul for the second)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    if int8:
+        matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+        model = _nbits_pass(model, 8, DEFAULT_ACCURACY_LEVEL["int8"], cfg, matmuls - set(int8))
+        model = model.model
+    result = _nbits_pass(model, cfg.bits, cfg.level, cfg, exclude)
+    result.save_model_to_file(str(dst), use_external_data_format=external)
+
+
+def quantize_file(
+    src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str], int8: list[str] | None = None
+) -> str:
+    """Quantize the graph ``src`` into ``dst`` (same directory layout), keeping ``exclude`` in
+    fp32 and (block-wise int4 only) quantizing ``int8`` to 8 bits; returns the tool."""
     external = (src.parent / ONNX_DATA_FILE).is_file()
     with quiet_quantizers():
         if cfg.blockwise:
-            _quantize_blockwise(src, dst, exclude, external, cfg)
+            _quantize_blockwise(src, dst, exclude, external, cfg, int8 or [])
             return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
         _quantize_dynamic(src, dst, exclude, external, cfg.per_channel)
     return "onnxruntime.quantization.quantize_dynamic"
@@ -411,17 +444,21 @@ def _raise_failed(v: QuantValidation, cfg: QuantizeConfig) -> None:
         f"{100 * v.max_perplexity_increase:+.1f}%), greedy-token agreement "
         f"{100 * v.token_agreement:.1f}% (limit {100 * v.min_token_agreement:.1f}%) on "
         f"{v.windows} x {v.seqlen} tokens of {v.text}. Keep sensitive weights in fp32 "
-        "(--exclude lm_head, --exclude down_proj), fold with --online-hadamard, or raise "
-        "--max-ppl-increase / lower --min-agreement. Nothing was written."
+        "(--auto-exclude N, --exclude lm_head), use block-wise int8 (--quantize int8: "
+        "MatMulNBits with 8 bits), or raise --max-ppl-increase / lower --min-agreement. "
+        "Nothing was written."
     )
 
 
 # --------------------------------------------------------------------------- sensitivity
 
 
-def weight_group(module: str) -> str:
-    """The scan's unit: one decoder layer's projections (``model.layers.3``) or a module
-    outside the layers (``lm_head``)."""
+def weight_group(module: str, unit: str = "layer") -> str:
+    """The scan's group of a weight. ``layer``: one decoder layer's projections
+    (``model.layers.3``) or a module outside the layers (``lm_head``); ``kind``: one projection
+    across all layers (``q_proj``, ``down_proj``, ``lm_head``)."""
+    if unit == "kind":
+        return module.rsplit(".", 1)[-1]
     parts = module.split(".")
     if "layers" in parts:
         i = parts.index("layers")
@@ -451,25 +488,29 @@ def scan_ids(
     return ids[start:].reshape(cfg.scan_windows, cfg.seqlen), {**record, "first_token": start}
 
 
-def scan_groups(weights: dict[str, str], skip: set[str]) -> list[str]:
-    """The scan's groups: those with a weight not already kept in fp32."""
-    return sorted({weight_group(m) for n, m in weights.items() if n not in skip})
+def scan_groups(weights: dict[str, str], skip: set[str], unit: str) -> list[str]:
+    """The scan's groups: those with a weight not already kept out."""
+    return sorted({weight_group(m, unit) for n, m in weights.items() if n not in skip})
 
 
 def sensitivity_scan(
     src: Path, cfg: QuantizeConfig, windows: torch.Tensor, skip: set[str]
 ) -> dict[str, float]:
     """Relative perplexity increase when only one group is quantized, for every group, over
-    ``windows`` (:func:`scan_ids`); ``skip``: nodes kept in fp32."""
+    ``windows`` (:func:`scan_ids`); ``skip``: nodes kept out of the scan (fp32 in it)."""
+    from tqdm.auto import tqdm
+
     weights = matmul_weights(_load(src))
-    groups = scan_groups(weights, skip)
+    groups = scan_groups(weights, skip, cfg.scan_by)
     base = perplexity_of(ort_logits_fn(src), windows, progress=False)
     work = src.parent / ".scan"
     work.mkdir(exist_ok=True)
     result: dict[str, float] = {}
     try:
-        for group in groups:
-            others = [n for n, m in weights.items() if weight_group(m) != group or n in skip]
+        for group in tqdm(groups, desc=f"sensitivity scan ({cfg.mode})", disable=None):
+            others = [
+                n for n, m in weights.items() if weight_group(m, cfg.scan_by) != group or n in skip
+            ]
             quantize_file(src, work / ONNX_FILE, cfg, sorted(others))
             ppl = perplexity_of(ort_logits_fn(work / ONNX_FILE), windows, progress=False)
             result[group] = ppl / base - 1
@@ -534,14 +575,21 @@ def _quantize_and_check(
     scan_data = None
     if cfg.auto_exclude:
         t0 = time.perf_counter()
-        _check_auto_exclude(cfg, scan_groups(weights, set(excluded)))
+        _check_auto_exclude(cfg, scan_groups(weights, set(excluded), cfg.scan_by))
         windows, scan_data = scan_ids(tokenizer, cfg)
         sensitivity = sensitivity_scan(src, cfg, windows, set(excluded))
         chosen = set(most_sensitive(sensitivity, cfg.auto_exclude))
-        excluded.update({n: m for n, m in weights.items() if weight_group(m) in chosen})
+        excluded.update(
+            {n: m for n, m in weights.items() if weight_group(m, cfg.scan_by) in chosen}
+        )
         seconds["sensitivity_scan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tool = quantize_file(src, dst, cfg, sorted(excluded))
+    always = set(excluded_nodes(weights, []))
+    if cfg.fallback == "int8":
+        int8 = sorted(set(excluded) - always)
+        tool = quantize_file(src, dst, cfg, sorted(always), int8)
+    else:
+        tool = quantize_file(src, dst, cfg, sorted(excluded))
     seconds["quantize"] = time.perf_counter() - t0
     report = QuantReport(
         mode=cfg.mode,
@@ -553,6 +601,7 @@ def _quantize_and_check(
         per_channel=None if cfg.blockwise else cfg.per_channel,
         quantized=count_quantized(dst),
         excluded=sorted(set(excluded.values())),
+        fallback=cfg.fallback,
         fp32_bytes=_bytes(ref_dir),
         onnx_bytes=_bytes(tmp),
         sensitivity=sensitivity,
@@ -583,8 +632,10 @@ __all__ = [
     "BLOCK_SIZES",
     "DEFAULT_ACCURACY_LEVEL",
     "DEFAULT_LIMITS",
+    "FALLBACKS",
     "INT8_METHODS",
     "QUANT_MODES",
+    "SCAN_UNITS",
     "QuantReport",
     "QuantValidation",
     "QuantizeConfig",

@@ -423,8 +423,23 @@ def _add_quantize(o: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="keep the N most sensitive groups (one layer's projections, lm_head) in fp32, "
-        "chosen by a scan: the perplexity increase when only that group is quantized",
+        help="keep the N most sensitive groups (--scan-by: one layer's projections or one "
+        "projection kind; lm_head) out (--fallback), chosen by a scan: the perplexity increase "
+        "when only that group is quantized",
+    )
+    o.add_argument(
+        "--scan-by",
+        default="layer",
+        metavar="layer|kind",
+        help="--auto-exclude's group: one layer's projections, or one projection kind across "
+        "the layers (q_proj, down_proj, ...)",
+    )
+    o.add_argument(
+        "--fallback",
+        default="fp32",
+        metavar="fp32|int8",
+        help="int4: precision of the weights kept out of int4 (--exclude, --auto-exclude): "
+        "fp32, or block-wise int8",
     )
     o.add_argument("--quant-windows", type=int, default=8, help="validation windows")
     o.add_argument("--quant-seqlen", type=int, default=512, help="tokens per validation window")
@@ -447,6 +462,8 @@ def _quantize_config(args: argparse.Namespace) -> Any:
         windows=args.quant_windows,
         seqlen=args.quant_seqlen,
         auto_exclude=args.auto_exclude,
+        scan_by=args.scan_by,
+        fallback=args.fallback,
     )
 
 
@@ -458,7 +475,8 @@ def _print_quantization(q: dict[str, Any]) -> None:
         scan = ", ".join(f"{g} {100 * v:+.1f}%" for g, v in list(q["sensitivity"].items())[:5])
         print(f"sensitivity (perplexity increase, one group quantized): {scan} ...")
     excluded = ", ".join(q["excluded"]) or "none"
-    print(f"quantized {q['quantized']} MatMuls to {what}; kept in fp32: {excluded}")
+    kept = f"kept in {q.get('fallback') or 'fp32'}"
+    print(f"quantized {q['quantized']} MatMuls to {what}; {kept}: {excluded}")
     v = q["validation"]
     if v:
         print(

@@ -201,6 +201,26 @@ def test_auto_exclude_keeps_the_most_sensitive_group(
     assert q.quantized == 15 - len(q.excluded)
 
 
+def test_int4_keeps_the_most_sensitive_kinds_in_int8(
+    fp32_export: Path, text: Path, tmp_path: Path
+) -> None:
+    """--auto-exclude 2 --scan-by kind --fallback int8: the two projection kinds whose int4
+    costs the most perplexity (measured) go to block-wise int8, the rest to int4, none fp32."""
+    cfg = quant_config(
+        text, mode="int4", auto_exclude=2, scan_by="kind", fallback="int8", scan_windows=1
+    )
+    out, q = quantized_copy(fp32_export, tmp_path / "mixed", cfg)
+    kinds = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert q.sensitivity is not None and set(q.sensitivity) == kinds | {"lm_head"}
+    worst = sorted(q.sensitivity, key=lambda g: -q.sensitivity[g])[:2]  # type: ignore[index]
+    assert {m.rsplit(".", 1)[-1] for m in q.excluded} == set(worst)
+    bits = [a["bits"] for a in nbits_attributes(out)]
+    assert q.fallback == "int8" and len(bits) == q.quantized == 15
+    assert bits.count(8) == len(q.excluded) and bits.count(4) == 15 - len(q.excluded)
+    assert quantize.matmul_weights(onnx.load(str(out / "model.onnx"))) == {}  # nothing fp32
+    assert q.validation is not None and q.validation.passed
+
+
 def test_auto_exclude_beyond_the_groups_or_the_text_is_refused(
     fp32_export: Path, text: Path, tmp_path: Path
 ) -> None:
@@ -245,6 +265,8 @@ def test_failed_validation_leaves_nothing(
         (["--quantize", "int4", "--block-size", "7"], "block size 7 is not supported"),
         (["--quantize", "int4", "--accuracy-level", "2"], "accuracy level 2"),
         (["--quantize", "int8", "--int8-method", "static"], "unsupported int8 method 'static'"),
+        (["--quantize", "int8", "--fallback", "int8"], "--fallback int8 keeps weights out of int4"),
+        (["--quantize", "int4", "--scan-by", "row"], "scan_by one of layer, kind"),
         (
             ["--quantize", "int8", "--int8-method", "dynamic", "--accuracy-level", "4"],
             "--accuracy-level applies to block-wise quantization",
