@@ -467,6 +467,14 @@ def _quantize_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _modules(names: list[str], most: int = 6) -> str:
+    """A list of module names, or past ``most`` their count and kinds (``down_proj``)."""
+    if len(names) <= most:
+        return ", ".join(names) or "none"
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return f"{len(names)} weights ({', '.join(kinds)})"
+
+
 def _print_quantization(q: dict[str, Any]) -> None:
     what = f"{q['mode']} {'block-wise' if q['block_size'] else 'dynamic'}"
     if q["block_size"]:
@@ -474,7 +482,7 @@ def _print_quantization(q: dict[str, Any]) -> None:
     if q.get("sensitivity"):
         scan = ", ".join(f"{g} {100 * v:+.1f}%" for g, v in list(q["sensitivity"].items())[:5])
         print(f"sensitivity (perplexity increase, one group quantized): {scan} ...")
-    excluded = ", ".join(q["excluded"]) or "none"
+    excluded = _modules(q["excluded"])
     kept = f"kept in {q.get('fallback') or 'fp32'}"
     print(f"quantized {q['quantized']} MatMuls to {what}; {kept}: {excluded}")
     v = q["validation"]

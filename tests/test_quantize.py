@@ -376,3 +376,11 @@ def test_cli_quantizes_an_existing_export(
     expected = "quantized 15 MatMuls to int8 block-wise (block 32, accuracy level 4); kept in fp32"
     assert f"{expected}: none" in printed
     assert read_report(out)["quantized_from"] == str(fp32_export)
+
+
+def test_cli_lists_many_kept_weights_by_kind() -> None:
+    from lp_deploy.cli import _modules
+
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(7)] + ["lm_head"]
+    assert _modules(names) == "8 weights (down_proj, lm_head)"
+    assert _modules(["lm_head"]) == "lm_head" and _modules([]) == "none"
