@@ -443,10 +443,11 @@ def _raise_failed(v: QuantValidation, cfg: QuantizeConfig) -> None:
         f"{v.perplexity:.3f} ({100 * v.perplexity_increase:+.1f}%, limit "
         f"{100 * v.max_perplexity_increase:+.1f}%), greedy-token agreement "
         f"{100 * v.token_agreement:.1f}% (limit {100 * v.min_token_agreement:.1f}%) on "
-        f"{v.windows} x {v.seqlen} tokens of {v.text}. Keep sensitive weights in fp32 "
-        "(--auto-exclude N, --exclude lm_head), use block-wise int8 (--quantize int8: "
-        "MatMulNBits with 8 bits), or raise --max-ppl-increase / lower --min-agreement. "
-        "Nothing was written."
+        f"{v.windows} x {v.seqlen} tokens of {v.text}. Keep sensitive weights out "
+        "(--auto-exclude N [--scan-by kind] [--fallback int8], --exclude lm_head), use "
+        "block-wise int8 (--quantize int8), for int4 start from an unrotated model (lp-deploy "
+        "fold --no-rotate: the rotation costs weight-only int4 accuracy), or raise "
+        "--max-ppl-increase / lower --min-agreement. Nothing was written."
     )
 
 
