@@ -48,7 +48,7 @@ def row(name: str, lat: dict[str, Any], mem: dict[str, Any], ppl: dict[str, Any]
     check = (
         f"{100 * v['perplexity_increase']:+.1f}%, {100 * v['token_agreement']:.1f}%" if v else "–"
     )
-    own_decode = lat["decode"][f"{model}-fp32"]["median_ms"]
+    own_decode = lat["decode"][f"{model}-fp32"]["median_ms_per_token"]
     decode = lat["decode"][name]
     cells = [
         MODELS[model],
@@ -56,12 +56,12 @@ def row(name: str, lat: dict[str, Any], mem: dict[str, Any], ppl: dict[str, Any]
         f"{p:.2f}",
         "–" if precision == "fp32" else f"{100 * (p / own - 1):+.1f}%",
         check,
-        f"{mem[name]['disk_bytes'] / 1e6:.0f} MB",
-        f"{mem[name]['memory']['peak_rss_mb']:.0f} MB",
+        f"{mem[name]['disk_bytes'] / 2**20:.0f} MiB",
+        f"{mem[name]['memory']['peak_rss_mb']:.0f} MiB",
         ratio(lat["prefill"][name]),
-        f"{decode['median_ms']:.1f}",
+        f"{decode['median_ms_per_token']:.1f}",
         ratio(decode),
-        f"{own_decode / decode['median_ms']:.2f}x",
+        f"{own_decode / decode['median_ms_per_token']:.2f}x",
     ]
     return "| " + " | ".join(cells) + " |"
 
