@@ -296,7 +296,9 @@ def _quantize_dynamic(
     )
 
 
-def _nbits_pass(model: Any, bits: int, level: int | None, cfg: QuantizeConfig, skip: Any) -> Any:
+def _nbits_pass(
+    model: Any, bits: int, level: int | None, cfg: QuantizeConfig, skip: Iterable[str]
+) -> Any:
     """One ``MatMulNBitsQuantizer`` pass over the MatMuls not in ``skip``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

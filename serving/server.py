@@ -323,6 +323,31 @@ def _exited(pid: int, timeout: float) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` other than a zombie is left (Linux ``/proc``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Wait until SIGKILL has taken the group (it is delivered asynchronously: a stub under
+    load can still be running when ``killpg`` returns); a warning past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() >= deadline:
+            log.warning("process group %d: members alive %.0f s after SIGKILL", pgid, timeout)
+            return
+        time.sleep(0.02)
+
+
 def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGINT the server, then SIGKILL its process group (the python backend stubs, and the
     server if it did not stop) while the unreaped server still holds the group id; then reap.
@@ -336,6 +361,7 @@ def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
                 )
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        _wait_group_gone(proc.pid, timeout=10.0)
     except ChildProcessError:
         log.debug("tritonserver pid %d was reaped already: not signalled", proc.pid)
     proc.wait(10)
