@@ -469,16 +469,19 @@ def _quantize_config(args: argparse.Namespace) -> Any:
 
 def _modules(names: list[str], most: int = 6) -> str:
     """A list of module names, or past ``most`` their count and kinds (``down_proj``)."""
+    from lp_deploy.exporters.quantize import weight_group
+
     if len(names) <= most:
         return ", ".join(names) or "none"
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    kinds = sorted({weight_group(n, "kind") for n in names})
     return f"{len(names)} weights ({', '.join(kinds)})"
 
 
 def _print_quantization(q: dict[str, Any]) -> None:
-    what = f"{q['mode']} {'block-wise' if q['block_size'] else 'dynamic'}"
+    what = f"{q['mode']} dynamic"
     if q["block_size"]:
-        what += f" (block {q['block_size']}, accuracy level {q['accuracy_level']})"
+        what = f"{q['mode']} block-wise (block {q['block_size']}, accuracy level "
+        what += f"{q['accuracy_level']})"
     if q.get("sensitivity"):
         scan = ", ".join(f"{g} {100 * v:+.1f}%" for g, v in list(q["sensitivity"].items())[:5])
         print(f"sensitivity (perplexity increase, one group quantized): {scan} ...")

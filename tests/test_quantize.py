@@ -213,7 +213,7 @@ def test_int4_keeps_the_most_sensitive_kinds_in_int8(
     kinds = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert q.sensitivity is not None and set(q.sensitivity) == kinds | {"lm_head"}
     worst = sorted(q.sensitivity, key=lambda g: -q.sensitivity[g])[:2]  # type: ignore[index]
-    assert {m.rsplit(".", 1)[-1] for m in q.excluded} == set(worst)
+    assert {quantize.weight_group(m, "kind") for m in q.excluded} == set(worst)
     bits = [a["bits"] for a in nbits_attributes(out)]
     assert q.fallback == "int8" and len(bits) == q.quantized == 15
     assert bits.count(8) == len(q.excluded) and bits.count(4) == 15 - len(q.excluded)

@@ -24,14 +24,10 @@ PRECISION = {
 }
 
 
-def models(report: Path) -> dict[str, Any]:
+def onnxruntime(report: Path) -> dict[str, Any]:
+    """The ONNX Runtime section of a bench report (``models``, ``latency``)."""
     data = json.loads((report / "report.json").read_text())
-    return data["runtimes"]["onnxruntime"]["models"]
-
-
-def latency(report: Path) -> dict[str, Any]:
-    data = json.loads((report / "report.json").read_text())
-    return data["runtimes"]["onnxruntime"]["latency"][0]
+    return data["runtimes"]["onnxruntime"]
 
 
 def ratio(entry: dict[str, Any]) -> str:
@@ -68,7 +64,8 @@ def row(name: str, lat: dict[str, Any], mem: dict[str, Any], ppl: dict[str, Any]
 
 def main() -> None:
     lat_dir, ppl_dir = map(Path, sys.argv[1:3])
-    lat, mem, ppl = latency(lat_dir), models(lat_dir), models(ppl_dir)
+    timed = onnxruntime(lat_dir)
+    lat, mem, ppl = timed["latency"][0], timed["models"], onnxruntime(ppl_dir)["models"]
     print(
         "| model | weights | perplexity (195 windows) | vs its fp32 | export check: "
         "perplexity, greedy agreement (8 windows) | on disk | peak RSS | prefill(128) ratio "
