@@ -62,7 +62,7 @@ def run(name):
         elif kind == "kq":
             cfg = mq.KQuantWeightOnlyQuantConfig()
         elif kind == "int8dyn":
-            Q._quantize_int8(src, dst / "model.onnx", ex, False, opts.get("pc") == "1")
+            Q._quantize_dynamic(src, dst / "model.onnx", ex, False, opts.get("pc") == "1")
             cfg = None
         if cfg is not None:
             qz = mq.MatMulNBitsQuantizer(
