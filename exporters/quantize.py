@@ -9,9 +9,12 @@
   (``DynamicQuantizeLinear`` + ``MatMulInteger``).
 * ``int4``: the same ``MatMulNBitsQuantizer`` with 4 bits (accuracy level 0 by default).
 
-Only the MatMuls with a constant weight are quantized; the graph's inputs and outputs (the
-KV-cache IO) are unchanged. Exact logit tolerances do not apply to a quantized graph, so it is
-validated against the fp32 graph it was made from, both in ONNX Runtime, on real text:
+Only the MatMuls with a constant weight are quantized; a tied ``lm_head`` (a Transpose of the
+embedding table) is given its own copy of the table first, block-wise only (the embedding's
+Gather keeps the fp32 table; ``exclude=("lm_head",)`` leaves it tied and fp32). The graph's
+inputs and outputs (the KV-cache IO) are unchanged. Exact logit tolerances do not apply to a
+quantized graph, so it is validated against the fp32 graph it was made from, both in ONNX
+Runtime, on real text:
 perplexity change and greedy (next-token argmax) agreement over ``windows`` windows of
 ``seqlen`` tokens. The default limits (:data:`DEFAULT_LIMITS`) are the accuracy goals of
 issue 11: at most +5% perplexity for int8, +10% for int4, and at least 80% agreement.
@@ -296,12 +299,62 @@ def _quantize_dynamic(
     )
 
 
+def _transpose_perm(node: Any) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def untie_transposed(model: Any, skip: Iterable[str]) -> list[str]:
+    """Give every MatMul outside ``skip`` whose weight is a 2-D Transpose of an initializer (a
+    tied ``lm_head`` reads the embedding table that way) its own transposed initializer, so that
+    the quantizer, which takes constant weights only, quantizes it while the embedding's Gather
+    keeps the fp32 table. Exact (the same numbers, stored twice); returns the new names."""
+    from onnx import numpy_helper
+
+    graph, skipped = model.graph, set(skip)
+    inits = {i.name: i for i in graph.initializer}
+    transposes = {
+        n.output[0]: n
+        for n in graph.node
+        if n.op_type == "Transpose"
+        and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 2
+        and _transpose_perm(n) in (None, [1, 0])
+    }
+    made: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.name in skipped or len(node.input) < 2:
+            continue
+        source = transposes.get(node.input[1])
+        if source is None:
+            continue
+        if source.output[0] not in made:
+            name = f"{weight_owner(node, source.input[0])}.weight"
+            name = name if name not in inits else f"{source.output[0]}.untied"
+            array = np.ascontiguousarray(numpy_helper.to_array(inits[source.input[0]]).T)
+            inits[name] = numpy_helper.from_array(array, name)
+            graph.initializer.append(inits[name])
+            made[source.output[0]] = name
+        node.input[1] = made[source.output[0]]
+    _drop_unread(graph, [transposes[t] for t in made])
+    return list(made.values())
+
+
+def _drop_unread(graph: Any, nodes: list[Any]) -> None:
+    """Remove those of ``nodes`` whose outputs nothing reads any more."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in nodes:
+        if not read & set(node.output):
+            graph.node.remove(node)
+
+
 def _nbits_pass(
     model: Any, bits: int, level: int | None, cfg: QuantizeConfig, skip: Iterable[str]
 ) -> Any:
-    """One ``MatMulNBitsQuantizer`` pass over the MatMuls not in ``skip``."""
+    """One ``MatMulNBitsQuantizer`` pass over the MatMuls not in ``skip`` (a tied weight is
+    untied first: :func:`untie_transposed`)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    untie_transposed(model, skip)
     quant = MatMulNBitsQuantizer(
         model,
         bits=bits,
@@ -570,6 +623,8 @@ def _quantize_and_check(
     tokenizer: PreTrainedTokenizerBase,
     validate: bool,
 ) -> QuantReport:
+    from lp_deploy.exporters.onnx import drop_value_info
+
     src, dst = ref_dir / ONNX_FILE, tmp / ONNX_FILE
     weights = matmul_weights(_load(src))
     excluded = excluded_nodes(weights, cfg.exclude)
@@ -593,6 +648,7 @@ def _quantize_and_check(
         tool = quantize_file(src, dst, cfg, sorted(always), int8)
     else:
         tool = quantize_file(src, dst, cfg, sorted(excluded))
+    drop_value_info(dst)  # dynamic int8 re-infers them (see its docstring)
     seconds["quantize"] = time.perf_counter() - t0
     report = QuantReport(
         mode=cfg.mode,
@@ -647,5 +703,6 @@ __all__ = [
     "matmul_weights",
     "quantize_export",
     "quantize_file",
+    "untie_transposed",
     "validate_quantized",
 ]

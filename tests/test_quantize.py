@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 import pytest
+import torch
 from conftest import build_tokenizer, make_tiny_model, save_model_dir
 
 from lp_deploy.cli import main
@@ -96,6 +97,7 @@ def test_int8_graph_keeps_io_and_validates(
     assert io_signature(out) == io_signature(fp32_export)
     assert op_counts(out).get("MatMulNBits", 0) == q.quantized == 15
     assert {a["bits"] for a in nbits_attributes(out)} == {8}
+    assert not onnx.load(str(out / "model.onnx")).graph.value_info
     assert not any(p.name.startswith(".fp32") for p in out.iterdir())
     assert (q.mode, q.method, q.bits, q.block_size, q.accuracy_level) == ("int8", "block", 8, 32, 4)
     assert q.per_channel is None
@@ -143,6 +145,7 @@ def test_int8_dynamic(fp32_export: Path, text: Path, tmp_path: Path) -> None:
     )
     assert q.tool == "onnxruntime.quantization.quantize_dynamic"
     assert q.validation is not None and q.validation.passed
+    assert not onnx.load(str(out / "model.onnx")).graph.value_info  # its shape inference's
 
 
 def q_int4() -> QuantizeConfig:
@@ -167,6 +170,61 @@ def test_int4_with_exclusions(fp32_export: Path, text: Path, tmp_path: Path) -> 
     assert {(a["block_size"], a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(64, 4, 0)}
     model = onnx.load(str(out / "model.onnx"))
     assert list(quantize.matmul_weights(model).values()) == ["lm_head"]  # still fp32
+
+
+@pytest.fixture(scope="module")
+def tied_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tied model's export in the form the exporter gives real sizes: the lm_head MatMul reads
+    ``Transpose(embedding)`` (at this size the exporter folds the Transpose into a copy, so the
+    test puts it back)."""
+    path = tmp_path_factory.mktemp("qtied") / "model"
+    save_model_dir(make_tiny_model("llama", tied=True, num_layers=2), build_tokenizer(), path)
+    out = export_onnx(OnnxExportConfig(model=str(path), out=path.parent / "fp32")).out
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    table = next(
+        n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+    )
+    head = next(n for n, m in quantize.matmul_weights(model).items() if m == "lm_head")
+    node = next(n for n in model.graph.node if n.name == head)
+    folded = onnx.numpy_helper.to_array(inits[node.input[1]])
+    assert (folded == onnx.numpy_helper.to_array(inits[table]).T).all()
+    model.graph.initializer.remove(inits[node.input[1]])
+    at = list(model.graph.node).index(node)
+    model.graph.node.insert(
+        at, onnx.helper.make_node("Transpose", [table], [node.input[1]], perm=[1, 0])
+    )
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
+def test_a_tied_lm_head_is_untied_exactly_and_quantized(
+    tied_export: Path, text: Path, tmp_path: Path
+) -> None:
+    """A tied lm_head reads the embedding table through a Transpose, which the quantizer skips:
+    it gets its own (exact) copy and is quantized; kept out, it stays tied and fp32."""
+    graph = tied_export / "model.onnx"
+    model = onnx.load(str(graph))
+    assert "lm_head" in quantize.matmul_weights(model).values()  # through the Transpose
+    assert quantize.untie_transposed(model, []) == ["lm_head.weight"]
+    inits = {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    onnx.save(model, str(tmp_path / "untied.onnx"))
+    ids = torch.randint(3, 100, (2, 24))
+    tied = quantize.ort_logits_fn(graph)(ids)
+    untied = quantize.ort_logits_fn(tmp_path / "untied.onnx")(ids)
+    torch.testing.assert_close(untied, tied, rtol=0, atol=1e-6)
+
+    out, q = quantized_copy(tied_export, tmp_path / "int4", quant_config(text, mode="int4"))
+    assert q.quantized == op_counts(out)["MatMulNBits"] == 15 and q.excluded == []
+    assert quantize.matmul_weights(onnx.load(str(out / "model.onnx"))) == {}  # nothing fp32
+    assert q.validation is not None and q.validation.passed
+
+    cfg = quant_config(text, mode="int4", exclude=("lm_head",))
+    out, q = quantized_copy(tied_export, tmp_path / "int4-kept", cfg)
+    kept = onnx.load(str(out / "model.onnx"))
+    assert list(quantize.matmul_weights(kept).values()) == ["lm_head"] and q.quantized == 14
+    assert "lm_head.weight" not in {i.name for i in kept.graph.initializer}  # still tied
 
 
 def test_auto_exclude_keeps_the_most_sensitive_group(
