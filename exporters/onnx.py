@@ -364,6 +364,24 @@ def ort_offline_optimize(path: Path, external: bool) -> dict[str, int]:
     return {f"ort:{k}": v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
 
 
+def drop_value_info(path: Path) -> int:
+    """Remove the shapes of intermediate values (``graph.value_info``) from the graph file at
+    ``path``, in place; returns how many. They are optional: ONNX Runtime infers its own at
+    load. With the ones the dynamo exporter writes (one dimension spelled several ways, 740 of
+    them unknown on SmolLM2), ONNX Runtime ran the attention's data-movement ops (rotary
+    Neg/Concat/Mul, mask Add, Transpose, Expand) 2-3x slower per call: the export was 1.5-3%
+    slower than optimum's in prefill(128) with them, 2.6% faster without. Outputs are
+    bit-identical (measured on SmolLM2)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    count = len(model.graph.value_info)
+    if count:
+        del model.graph.value_info[:]
+        onnx.save(model, str(path))
+    return count
+
+
 def external_data_locations(path: Path) -> set[str]:
     """The files (relative to ``path``'s folder) that ``path``'s external initializers name."""
     import onnx
@@ -688,6 +706,7 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         t0 = time.perf_counter()
         fusions.update(ort_offline_optimize(path, external))
         seconds["ort_optimize"] = time.perf_counter() - t0
+    fusions["value_info_dropped"] = drop_value_info(path)
     check_self_contained(path)
     _write_side_files(loaded, meta, dtype, tmp)
     report = ExportReport(
