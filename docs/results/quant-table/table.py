@@ -1,7 +1,11 @@
 """The README's quantization table from the two bench reports of ``table.sh`` (latency + memory,
 perplexity) and each export's ``export.json`` (validation against its fp32 graph).
 
-    python docs/results/quant-table/table.py LATENCY_REPORT_DIR PPL_REPORT_DIR
+    python docs/results/quant-table/table.py LATENCY_REPORT_DIR PPL_REPORT_DIR [PPL_REPORT_DIR ...]
+
+With several perplexity reports, a model's figure comes from the last report that has it (the
+session-5 table: session 4's report for the graphs that did not change, bit-identical but for
+their value_info, and session 5's for the re-quantized ones).
 """
 
 from __future__ import annotations
@@ -63,9 +67,12 @@ def row(name: str, lat: dict[str, Any], mem: dict[str, Any], ppl: dict[str, Any]
 
 
 def main() -> None:
-    lat_dir, ppl_dir = map(Path, sys.argv[1:3])
+    lat_dir, *ppl_dirs = map(Path, sys.argv[1:])
     timed = onnxruntime(lat_dir)
-    lat, mem, ppl = timed["latency"][0], timed["models"], onnxruntime(ppl_dir)["models"]
+    lat, mem = timed["latency"][0], timed["models"]
+    ppl: dict[str, Any] = {}
+    for ppl_dir in ppl_dirs:
+        ppl.update(onnxruntime(ppl_dir)["models"])
     print(
         "| model | weights | perplexity (195 windows) | vs its fp32 | export check: "
         "perplexity, greedy agreement (8 windows) | on disk | peak RSS | prefill(128) ratio "
