@@ -134,6 +134,7 @@ class ExportReport:
     onnx_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     fusions: dict[str, int] = field(default_factory=dict)
+    value_info_dropped: int = 0  # intermediate shapes removed from the graph (drop_value_info)
     validation: ValidationReport | None = None  # the fp32 graph against PyTorch
     quantization: QuantReport | None = None  # the quantized graph against the fp32 one
     quantized_from: str | None = None  # the fp32 export quantized (no new trace)
@@ -706,7 +707,7 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         t0 = time.perf_counter()
         fusions.update(ort_offline_optimize(path, external))
         seconds["ort_optimize"] = time.perf_counter() - t0
-    fusions["value_info_dropped"] = drop_value_info(path)
+    value_info_dropped = drop_value_info(path)
     check_self_contained(path)
     _write_side_files(loaded, meta, dtype, tmp)
     report = ExportReport(
@@ -719,6 +720,7 @@ def _build(loaded: LoadedModel, cfg: OnnxExportConfig, tmp: Path, started: float
         external_data=external,
         onnx_bytes=sum(f.stat().st_size for f in tmp.glob(f"{ONNX_FILE}*")),
         fusions=fusions,
+        value_info_dropped=value_info_dropped,
     )
     if cfg.validate:
         t0 = time.perf_counter()

@@ -11,7 +11,8 @@
 
 Only the MatMuls with a constant weight are quantized; a tied ``lm_head`` (a Transpose of the
 embedding table) is given its own copy of the table first, block-wise only (the embedding's
-Gather keeps the fp32 table; ``exclude=("lm_head",)`` leaves it tied and fp32). The graph's
+Gather keeps the fp32 table; ``exclude=("lm_head",)`` leaves it tied and fp32, or with
+``fallback="int8"`` quantizes its copy to 8 bits). The graph's
 inputs and outputs (the KV-cache IO) are unchanged. Exact logit tolerances do not apply to a
 quantized graph, so it is validated against the fp32 graph it was made from, both in ONNX
 Runtime, on real text:
@@ -320,6 +321,7 @@ def untie_transposed(model: Any, skip: Iterable[str]) -> list[str]:
         and len(inits[n.input[0]].dims) == 2
         and _transpose_perm(n) in (None, [1, 0])
     }
+    names = _value_names(graph)
     made: dict[str, str] = {}
     for node in graph.node:
         if node.op_type != "MatMul" or node.name in skipped or len(node.input) < 2:
@@ -328,8 +330,8 @@ def untie_transposed(model: Any, skip: Iterable[str]) -> list[str]:
         if source is None:
             continue
         if source.output[0] not in made:
-            name = f"{weight_owner(node, source.input[0])}.weight"
-            name = name if name not in inits else f"{source.output[0]}.untied"
+            name = _fresh_name(f"{weight_owner(node, source.input[0])}.weight", names)
+            names.add(name)
             array = np.ascontiguousarray(numpy_helper.to_array(inits[source.input[0]]).T)
             inits[name] = numpy_helper.from_array(array, name)
             graph.initializer.append(inits[name])
@@ -337,6 +339,23 @@ def untie_transposed(model: Any, skip: Iterable[str]) -> list[str]:
         node.input[1] = made[source.output[0]]
     _drop_unread(graph, [transposes[t] for t in made])
     return list(made.values())
+
+
+def _value_names(graph: Any) -> set[str]:
+    """Every name the graph uses: initializers, inputs, outputs and node inputs/outputs."""
+    names = {i.name for i in graph.initializer} | {v.name for v in graph.input}
+    names |= {v.name for v in graph.output}
+    return names | {x for n in graph.node for x in (*n.input, *n.output)}
+
+
+def _fresh_name(base: str, names: set[str]) -> str:
+    """``base`` (or ``base.untied2``, ...) unless the graph uses it or a name derived from it
+    (the quantizer names its outputs ``<weight>_Q4``, ``<weight>_scales``, ...)."""
+    name, k = base, 1
+    while name in names or any(n.startswith(name + "_") for n in names):
+        k += 1
+        name = f"{base}.untied{k}"
+    return name
 
 
 def _drop_unread(graph: Any, nodes: list[Any]) -> None:
@@ -648,7 +667,7 @@ def _quantize_and_check(
         tool = quantize_file(src, dst, cfg, sorted(always), int8)
     else:
         tool = quantize_file(src, dst, cfg, sorted(excluded))
-    drop_value_info(dst)  # dynamic int8 re-infers them (see its docstring)
+    drop_value_info(dst)  # dynamic int8 re-infers them; an older fp32 export may carry them
     seconds["quantize"] = time.perf_counter() - t0
     report = QuantReport(
         mode=cfg.mode,

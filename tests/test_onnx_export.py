@@ -230,7 +230,7 @@ def test_default_export_norms_fuse_in_onnx_runtime(linear_export: Path, tmp_path
     report = read_report(linear_export)
     assert report["optimize"] == 0 and report["fusions"]["rsqrt_as_div"] == 7
     # the exporter's intermediate shapes are dropped (ONNX Runtime ran slower with them)
-    assert report["fusions"]["value_info_dropped"] > 100
+    assert report["value_info_dropped"] > 100 and "value_info_dropped" not in report["fusions"]
     assert not onnx.load(str(linear_export / "model.onnx")).graph.value_info
     assert report["validation"]["passed"]
     stored = Counter(n.op_type for n in onnx.load(str(linear_export / "model.onnx")).graph.node)

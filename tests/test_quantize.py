@@ -97,7 +97,6 @@ def test_int8_graph_keeps_io_and_validates(
     assert io_signature(out) == io_signature(fp32_export)
     assert op_counts(out).get("MatMulNBits", 0) == q.quantized == 15
     assert {a["bits"] for a in nbits_attributes(out)} == {8}
-    assert not onnx.load(str(out / "model.onnx")).graph.value_info
     assert not any(p.name.startswith(".fp32") for p in out.iterdir())
     assert (q.mode, q.method, q.bits, q.block_size, q.accuracy_level) == ("int8", "block", 8, 32, 4)
     assert q.per_channel is None
@@ -206,6 +205,11 @@ def test_a_tied_lm_head_is_untied_exactly_and_quantized(
     graph = tied_export / "model.onnx"
     model = onnx.load(str(graph))
     assert "lm_head" in quantize.matmul_weights(model).values()  # through the Transpose
+    taken = onnx.load(str(graph))  # a name an earlier quantizer pass derived from it is taken
+    taken.graph.initializer.append(
+        onnx.helper.make_tensor("lm_head.weight_scales", onnx.TensorProto.FLOAT, [1], [0.0])
+    )
+    assert quantize.untie_transposed(taken, []) == ["lm_head.weight.untied2"]
     assert quantize.untie_transposed(model, []) == ["lm_head.weight"]
     inits = {i.name for i in model.graph.initializer}
     assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
@@ -225,6 +229,21 @@ def test_a_tied_lm_head_is_untied_exactly_and_quantized(
     kept = onnx.load(str(out / "model.onnx"))
     assert list(quantize.matmul_weights(kept).values()) == ["lm_head"] and q.quantized == 14
     assert "lm_head.weight" not in {i.name for i in kept.graph.initializer}  # still tied
+
+
+def test_quantized_graph_stores_no_intermediate_shapes(
+    fp32_export: Path, text: Path, tmp_path: Path
+) -> None:
+    """An fp32 export that carries ``value_info`` (exports before 9ad8ef9 did) is quantized into
+    a graph without (ONNX Runtime ran slower with them)."""
+    src = tmp_path / "fp32-shapes"
+    shutil.copytree(fp32_export, src)
+    graph = src / "model.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(graph))), str(graph))
+    assert onnx.load(str(graph)).graph.value_info
+    out, q = quantized_copy(src, tmp_path / "int4", quant_config(text, mode="int4"))
+    assert not onnx.load(str(out / "model.onnx")).graph.value_info
+    assert q.validation is not None and q.validation.passed
 
 
 def test_auto_exclude_keeps_the_most_sensitive_group(
