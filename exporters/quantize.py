@@ -333,8 +333,7 @@ def untie_transposed(model: Any, skip: Iterable[str]) -> list[str]:
             name = _fresh_name(f"{weight_owner(node, source.input[0])}.weight", names)
             names.add(name)
             array = np.ascontiguousarray(numpy_helper.to_array(inits[source.input[0]]).T)
-            inits[name] = numpy_helper.from_array(array, name)
-            graph.initializer.append(inits[name])
+            graph.initializer.append(numpy_helper.from_array(array, name))
             made[source.output[0]] = name
         node.input[1] = made[source.output[0]]
     _drop_unread(graph, [transposes[t] for t in made])
