@@ -46,6 +46,7 @@ from lp_deploy.benchmarks.qa import (
     paired_differences,
     retained_performance,
 )
+from lp_deploy.benchmarks.qa_pool import ScoringPool
 from lp_deploy.data import data_file
 from lp_deploy.errors import LpDeployError
 from lp_deploy.perplexity import LogitsFn, PerplexitySpec, perplexity_of
@@ -79,7 +80,8 @@ class BenchConfig:
     threads: int | None = None
     data_dir: Path | None = None
     device: str = "cpu"
-    eval_batch_size: int = 4  # QA log-likelihood batch
+    eval_batch_size: int = 8  # QA log-likelihood batch
+    qa_workers: int = 1  # QA scoring processes (one runtime each)
     memory_prompt_length: int = 128
     progress: bool = True
     command: str | None = None
@@ -145,6 +147,7 @@ def _check_numbers(cfg: BenchConfig) -> None:
     _positive("--repeats", [cfg.repeats])
     _positive("--warmup", [cfg.warmup], 0)
     _positive("--eval-batch-size", [cfg.eval_batch_size])
+    _positive("--qa-workers", [cfg.qa_workers])
     ppl = cfg.perplexity
     if ppl is not None:
         _positive("--ppl-seqlen", [ppl.seqlen], 2)
@@ -320,8 +323,27 @@ def loglikelihood_fn(rt: Runtime, batch_size: int = 1) -> LoglikelihoodFn:
     return fn
 
 
+def _qa_scores(
+    rt: Runtime, cfg: BenchConfig, label: str, source: tuple[str, str]
+) -> dict[str, TaskResult]:
+    """The QA tasks through ``rt``, or through ``cfg.qa_workers`` processes that each load
+    ``source`` (runtime kind, artifact) anew."""
+    if cfg.qa_workers == 1:
+        ll = loglikelihood_fn(rt, cfg.eval_batch_size)
+        return evaluate_tasks(cfg.tasks, ll, cfg.data_dir, cfg.limit, cfg.progress)
+    kind, artifact = source
+    log.info("%s: scoring QA in %d processes", label, cfg.qa_workers)
+    options = runtime_options(kind, cfg)
+    with ScoringPool(kind, artifact, cfg.qa_workers, cfg.eval_batch_size, options) as pool:
+        return evaluate_tasks(cfg.tasks, pool, cfg.data_dir, cfg.limit, cfg.progress)
+
+
 def _accuracy(
-    rt: Runtime, cfg: BenchConfig, windows: torch.Tensor | None, label: str
+    rt: Runtime,
+    cfg: BenchConfig,
+    windows: torch.Tensor | None,
+    label: str,
+    source: tuple[str, str],
 ) -> tuple[dict[str, Any], dict[str, TaskResult]]:
     out: dict[str, Any] = {}
     if windows is not None:
@@ -333,8 +355,7 @@ def _accuracy(
     results: dict[str, TaskResult] = {}
     if cfg.tasks:
         t0 = time.perf_counter()
-        ll = loglikelihood_fn(rt, cfg.eval_batch_size)
-        results = evaluate_tasks(cfg.tasks, ll, cfg.data_dir, cfg.limit, cfg.progress)
+        results = _qa_scores(rt, cfg, label, source)
         out["tasks"] = {t: asdict(r) for t, r in results.items()}
         out["qa_seconds"] = round(time.perf_counter() - t0, 2)
     return out, results
@@ -581,7 +602,9 @@ def _evaluate_all(
     results: dict[str, dict[str, TaskResult]] = {}
     for name, rt in loaded.runtimes.items():
         log.info("%s: accuracy of %s", block["runtime"], name)
-        acc, results[name] = _accuracy(rt, cfg, windows, f"{name}/{block['runtime']}")
+        label = f"{name}/{block['runtime']}"
+        source = (block["runtime"], loaded.artifacts[name])
+        acc, results[name] = _accuracy(rt, cfg, windows, label, source)
         block["models"][name].update(acc)
     baseline = block["baseline"]
     for name, rp in _retained({k: v for k, v in results.items() if v}, baseline).items():
@@ -734,7 +757,7 @@ def qa_evaluator(
     tasks: Sequence[str],
     data_dir: str | Path | None = None,
     limit: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> Callable[[Any, Any], dict[str, float]]:
     """A ``run_sweep`` evaluator: QA accuracy of an in-memory model via a ``TorchRuntime``."""

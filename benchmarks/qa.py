@@ -29,7 +29,7 @@ import json
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -405,6 +405,15 @@ def _per_question(result: TaskResult, metric: Metric) -> list[int]:
     return result.correct
 
 
+def _score_chunks(
+    loglikelihood: LoglikelihoodFn, chunks: Sequence[Sequence[Request]]
+) -> Iterator[list[float]]:
+    """Each chunk's log-likelihoods in order; in parallel where the scorer has an ``imap``
+    (:class:`~lp_deploy.benchmarks.qa_pool.ScoringPool`)."""
+    imap = getattr(loglikelihood, "imap", None)
+    return iter(imap(chunks)) if imap is not None else map(loglikelihood, chunks)
+
+
 def evaluate_task(
     name: str,
     loglikelihood: LoglikelihoodFn,
@@ -418,11 +427,12 @@ def evaluate_task(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     examples = load_task(name, data_dir, limit)
+    parts = [examples[start : start + chunk] for start in range(0, len(examples), chunk)]
+    requests = [[r for ex in part for r in ex.requests] for part in parts]
     lls: list[float] = []
     with tqdm(total=len(examples), desc=name, unit="q", disable=not progress) as bar:
-        for start in range(0, len(examples), chunk):
-            part = examples[start : start + chunk]
-            lls += loglikelihood([r for ex in part for r in ex.requests])
+        for part, scored in zip(parts, _score_chunks(loglikelihood, requests), strict=True):
+            lls += scored
             bar.update(len(part))
     return score_examples(name, examples, lls)
 

@@ -629,7 +629,13 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="PyTorch device (cpu, cuda)")
-    p.add_argument("--eval-batch-size", type=int, default=4, help="QA scoring batch size")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="QA scoring batch size")
+    p.add_argument(
+        "--qa-workers",
+        type=int,
+        default=1,
+        help="QA scoring processes, one runtime and one thread each (2 on a 2-core CPU: ~2x)",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
     _add_out(p, "report directory")
     p.set_defaults(handler=_run_bench)
@@ -658,6 +664,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         eval_batch_size=args.eval_batch_size,
+        qa_workers=args.qa_workers,
         data_dir=args.data_dir,
         progress=not args.quiet,
         command=shlex.join(["lp-deploy", *sys.argv[1:]]),

@@ -24,7 +24,8 @@ from typing import Any
 from lp_deploy.artifacts import Kind
 from lp_deploy.errors import LpDeployError
 
-from .base import Past, Runtime
+from .base import Runtime
+from .batching import Past
 
 __all__ = [
     "RUNTIMES",

@@ -16,8 +16,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy.errors import LpDeployError
 
-#: per layer ``(key, value)``, each ``[batch, kv_heads, past_sequence_length, head_dim]``
-Past = list[tuple[torch.Tensor, torch.Tensor]]
+from .batching import Past, pad_batch, positions_from_mask
+from .shared_context import WINDOW_BATCHES, WINDOW_CONTEXT_TOKENS, pack_runs, score_window
+
 Prompt = str | Sequence[int] | torch.Tensor
 
 DTYPES: dict[str, torch.dtype] = {
@@ -25,7 +26,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
-PADDING_SIDES = ("left", "right")
 
 
 def parse_dtype(dtype: str | torch.dtype | None, runtime: str) -> torch.dtype | None:
@@ -46,30 +46,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     return str(dtype).replace("torch.", "")
-
-
-def positions_from_mask(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
-    """Position ids of the last ``seq - past_length`` columns of a (left or right) padded mask."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, past_length:]
-
-
-def pad_batch(
-    rows: Sequence[Sequence[int]], pad_id: int, side: str
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Ids, attention mask and per-row offset of the first real token, padded on ``side``."""
-    if side not in PADDING_SIDES:
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    offsets = []
-    for i, row in enumerate(rows):
-        start = width - len(row) if side == "left" else 0
-        ids[i, start : start + len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, start : start + len(row)] = 1
-        offsets.append(start)
-    return ids, mask, offsets
 
 
 @dataclass(frozen=True)
@@ -296,18 +272,25 @@ class Runtime(ABC):
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 1
     ) -> list[tuple[float, bool]]:
         """:meth:`loglikelihood_tokens`, but runs of consecutive pairs with the same context
-        ids (and no truncation) share one forward pass of the context: its KV cache is then
-        repeated for the continuations, scored ``batch_size`` at a time (right-padded)."""
+        ids (and no truncation) share one forward pass of the context, and the passes batch
+        across items, ``batch_size`` requests at a time (:mod:`.shared_context`)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         results: dict[int, tuple[float, bool]] = {}
         singles: list[int] = []
+        runs: list[list[int]] = []
         for group in self._context_groups(pairs):
-            if len(group) < 2:
+            if len(group) > 1:
+                runs.append(group)
+            else:
                 singles += group
-                continue
-            scored = self._score_shared(
-                pairs[group[0]][0], [pairs[i][1] for i in group], batch_size
-            )
-            results.update(zip(group, scored, strict=True))
+        runs.sort(key=lambda run: -len(pairs[run[0]][0]))
+        lengths = [len(pairs[run[0]][0]) for run in runs]
+        rows = WINDOW_BATCHES * batch_size
+        for window in pack_runs(runs, lengths, rows, WINDOW_CONTEXT_TOKENS):
+            items = [(pairs[run[0]][0], [pairs[i][1] for i in run]) for run in window]
+            scored = score_window(self.forward, items, batch_size)
+            results.update(zip([i for run in window for i in run], scored, strict=True))
         if singles:
             plain = self.loglikelihood_tokens([pairs[i] for i in singles], batch_size)
             results.update(zip(singles, plain, strict=True))
@@ -329,47 +312,6 @@ class Runtime(ABC):
                 groups.append([i])
             previous = key
         return groups
-
-    def _score_shared(
-        self, ctx: Sequence[int], conts: Sequence[Sequence[int]], batch_size: int
-    ) -> list[tuple[float, bool]]:
-        n = len(ctx)
-        logits, past = self.forward(
-            torch.tensor([list(ctx)]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
-        )
-        first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # predicts each cont[0]
-        out: list[tuple[float, bool]] = []
-        for start in range(0, len(conts), batch_size):
-            out += self._score_continuations(first, past, n, conts[start : start + batch_size])
-        return out
-
-    def _score_continuations(
-        self, first: torch.Tensor, past: Past, n: int, conts: Sequence[Sequence[int]]
-    ) -> list[tuple[float, bool]]:
-        """Continuations after an ``n``-token context whose KV cache is ``past`` (batch 1):
-        ``first`` scores each first token; one batched forward of ``cont[:-1]`` the rest."""
-        top = int(first.argmax())
-        lps = [float(first[c[0]]) for c in conts]
-        greedy = [top == c[0] for c in conts]
-        if all(len(c) < 2 for c in conts):
-            return list(zip(lps, greedy, strict=True))
-        k = len(conts)
-        ids, mask, _ = pad_batch([list(c[:-1]) for c in conts], 0, "right")
-        mask = torch.cat([torch.ones(k, n, dtype=torch.long), mask], dim=1)
-        positions = (n + torch.arange(ids.shape[1]))[None].expand(k, -1)
-        repeated = [(key.expand(k, -1, -1, -1), value.expand(k, -1, -1, -1)) for key, value in past]
-        logits, _ = self.forward(
-            ids, mask, positions, [(a.contiguous(), b.contiguous()) for a, b in repeated]
-        )
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for i, c in enumerate(conts):
-            if len(c) < 2:
-                continue
-            rows = logprobs[i, : len(c) - 1]
-            target = torch.tensor(list(c[1:]), device=rows.device)
-            lps[i] += float(rows.gather(-1, target[:, None]).sum())
-            greedy[i] = greedy[i] and bool((rows.argmax(-1) == target).all())
-        return list(zip(lps, greedy, strict=True))
 
     def loglikelihood_tokens(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 1

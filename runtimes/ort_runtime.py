@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, GenerationConfig
 from lp_deploy.artifacts import CONFIG_FILE, ONNX_FILE
 from lp_deploy.errors import LpDeployError
 
-from .base import Past, Runtime, dtype_name, eos_ids, parse_dtype
+from .base import Runtime, dtype_name, eos_ids, parse_dtype
+from .batching import Past
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

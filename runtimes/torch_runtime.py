@@ -12,7 +12,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lp_deploy.loading import load_model
 
-from .base import Past, Runtime, eos_ids, parse_dtype
+from .base import Runtime, eos_ids, parse_dtype
+from .batching import Past
 
 
 def full_cache(model: PreTrainedModel) -> DynamicCache:

@@ -25,13 +25,8 @@ import torch
 
 from lp_deploy.errors import LpDeployError
 from lp_deploy.runtimes import Past, Runtime
-from lp_deploy.runtimes.base import (
-    SamplingConfig,
-    TextDeltas,
-    next_token,
-    pad_batch,
-    positions_from_mask,
-)
+from lp_deploy.runtimes.base import SamplingConfig, TextDeltas, next_token
+from lp_deploy.runtimes.batching import pad_batch, positions_from_mask
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ def test_check_config_errors(tmp_path: Path, tiny_checkpoint: Path, tiny_model_d
         check_config(cfg(tasks=["nope"]))
     with pytest.raises(LpDeployError, match="--repeats"):
         check_config(cfg(repeats=0))
+    with pytest.raises(LpDeployError, match="--qa-workers"):
+        check_config(cfg(qa_workers=0))
     with pytest.raises(LpDeployError, match="pass --baseline"):
         check_config(cfg(candidates=[tiny_model_dir]))  # a plain model records no source
     ok = check_config(cfg(runtimes=["ort", "torch", "onnxruntime"], tasks=["all"]))
@@ -304,6 +307,15 @@ def test_onnx_export_is_reused(onnx_report: tuple[BenchConfig, dict[str, Any]]) 
     assert result["runtimes"]["onnxruntime"]["status"] == "ok"
     assert (Path(cfg.out) / "report.json").is_file()
     assert not (Path(cfg.out) / "latency.png").exists()  # stale plot of the first run removed
+
+
+def test_qa_workers_score_like_one_process(onnx_report: tuple[BenchConfig, dict[str, Any]]) -> None:
+    cfg, first = onnx_report
+    again = run_bench(replace(cfg, qa_workers=2, latency=False)).data
+    for name in ("model", "patched"):
+        want = first["runtimes"]["onnxruntime"]["models"][name]["tasks"]["copa"]
+        got = again["runtimes"]["onnxruntime"]["models"][name]["tasks"]["copa"]
+        assert got["correct"] == want["correct"] and got["acc"] == want["acc"]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -35,7 +35,8 @@ from lp_deploy.benchmarks.lm_eval_adapter import (  # noqa: E402
 )
 from lp_deploy.data import default_data_dir  # noqa: E402
 from lp_deploy.errors import LpDeployError  # noqa: E402
-from lp_deploy.runtimes.base import Past, Runtime  # noqa: E402
+from lp_deploy.runtimes.base import Runtime  # noqa: E402
+from lp_deploy.runtimes.batching import Past  # noqa: E402
 from lp_deploy.runtimes.torch_runtime import TorchRuntime  # noqa: E402
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,10 @@ from lp_deploy.cli import main
 from lp_deploy.errors import LpDeployError, ModelSourceError
 from lp_deploy.exporters.onnx import OnnxExportConfig, export_onnx
 from lp_deploy.runtimes import Runtime, create_runtime
-from lp_deploy.runtimes.base import (
-    SamplingConfig,
-    TextDeltas,
-    next_token,
-    pad_batch,
-    positions_from_mask,
-)
+from lp_deploy.runtimes.base import SamplingConfig, TextDeltas, next_token
+from lp_deploy.runtimes.batching import pad_batch, positions_from_mask
 from lp_deploy.runtimes.ort_runtime import OrtRuntime
+from lp_deploy.runtimes.shared_context import pack_runs
 from lp_deploy.runtimes.torch_runtime import TorchRuntime
 
 PROMPT = "the city of the river was built in the early year"
@@ -356,3 +353,64 @@ def test_shared_context_scoring_equals_plain_scoring(runtime: Runtime) -> None:
         for (lp, greedy), (want_lp, want_greedy) in zip(shared, plain, strict=True):
             assert lp == pytest.approx(want_lp, abs=SHARED_TOL)
             assert greedy == want_greedy
+
+
+#: several multiple-choice items of different context lengths (and one-token choices, as in
+#: boolq), so that batched context passes pad and continuations index several KV caches
+MANY_ITEMS = [
+    *MC_REQUESTS[:6],
+    ("the first team of the season played in the north of the city", " yes"),
+    ("the first team of the season played in the north of the city", " no"),
+    ("a song", " was released in the early year"),
+    ("a song", " ."),
+    ("a song", " and a film of the river"),
+    ("the school of music and film was built in the south", " in"),
+    ("the school of music and film was built in the south", " by the team of the city"),
+]
+
+
+def _count_forwards(runtime: Runtime, call: Any) -> tuple[Any, int]:
+    calls = 0
+    original = runtime.forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    runtime.forward = counted  # type: ignore[method-assign]
+    try:
+        return call(), calls
+    finally:
+        del runtime.forward
+
+
+def test_batched_shared_scoring_across_items_equals_plain_scoring(runtime: Runtime) -> None:
+    plain = runtime.loglikelihood(MANY_ITEMS, batch_size=1, shared_context=False)
+    counts = {}
+    for bs in (1, 2, 3, 5, 64):
+        shared, counts[bs] = _count_forwards(
+            runtime, partial(runtime.loglikelihood, MANY_ITEMS, bs)
+        )
+        for (lp, greedy), (want_lp, want_greedy) in zip(shared, plain, strict=True):
+            assert lp == pytest.approx(want_lp, abs=SHARED_TOL)
+            assert greedy == want_greedy
+    # the 5 contexts share one pass (they pad to far fewer than SHARED_CONTEXT_TOKENS); then
+    # batch 1 runs each continuation of 2+ tokens alone, batch 64 all of them in one pass
+    longer = sum(len(runtime.encode_pair(c, x)[1]) > 1 for c, x in MANY_ITEMS)
+    assert longer >= 5 and counts[1] == 1 + longer and counts[64] == 2
+
+
+def test_pack_runs_bounds_requests_and_padded_context_tokens() -> None:
+    runs = [[0, 1, 2, 3], [4, 5], [6, 7], [8], [9, 10, 11, 12, 13]]
+    lengths = [9, 8, 8, 7, 3]
+    assert pack_runs(runs, lengths, rows=8, tokens=100) == [runs[:3], runs[3:]]
+    assert pack_runs(runs, lengths, rows=3, tokens=100) == [
+        [runs[0]],
+        [runs[1]],
+        runs[2:4],
+        [runs[4]],
+    ]
+    # padded tokens are runs x the first (longest) context: 2 x 9 fit in 18, 3 x 9 do not
+    assert pack_runs(runs, lengths, rows=64, tokens=18) == [runs[:2], runs[2:4], runs[4:]]
+    assert pack_runs(runs, lengths, rows=64, tokens=16) == [[runs[0]], runs[1:3], runs[3:]]
