@@ -19,7 +19,7 @@ import torch
 from .batching import Past, pad_batch, positions_from_mask
 
 #: padded context tokens in one batched context pass: bounds its logits
-#: (``[contexts, longest, vocab]``, 400 MB at SmolLM2's vocabulary)
+#: (``[contexts, longest, vocab]``: 100 MB at SmolLM2's vocabulary)
 SHARED_CONTEXT_TOKENS = 512
 #: padded context tokens whose KV caches one window holds (SmolLM2 fp32: 46 KB per token)
 WINDOW_CONTEXT_TOKENS = 8192
