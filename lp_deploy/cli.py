@@ -634,7 +634,8 @@ def _add_bench(sub: Any) -> None:
         "--qa-workers",
         type=int,
         default=1,
-        help="QA scoring processes, one runtime and one thread each (2 on a 2-core CPU: ~2x)",
+        help="QA scoring processes, each its own runtime with --threads threads (default 1); "
+        "2 on a 2-core CPU: ~2x",
     )
     p.add_argument("--data-dir", type=Path, default=None, help="QA data (default: shared data)")
     _add_out(p, "report directory")

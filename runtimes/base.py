@@ -272,8 +272,9 @@ class Runtime(ABC):
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 1
     ) -> list[tuple[float, bool]]:
         """:meth:`loglikelihood_tokens`, but runs of consecutive pairs with the same context
-        ids (and no truncation) share one forward pass of the context, and the passes batch
-        across items, ``batch_size`` requests at a time (:mod:`.shared_context`)."""
+        ids (and no truncation) share one forward pass of the context; context passes batch across
+        items up to 512 padded tokens, continuation passes ``batch_size`` continuations at a
+        time (:mod:`.shared_context`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         results: dict[int, tuple[float, bool]] = {}

@@ -4,7 +4,8 @@
 at a time. In a window, the contexts run in right-padded batches (their log-probabilities for
 each continuation's first token and their KV caches kept); then every continuation of two or
 more tokens, longest first, runs ``cont[:-1]`` in batches on its own context's KV cache, the
-caches of a batch stacked and right-padded to the longest (the padding slots masked). Sorting
+caches of a batch stacked and left-padded to the longest (the padding slots masked; left, so
+that each context's last token sits next to its continuation, as sliding windows require). Sorting
 keeps the padding small, and batching across items keeps the matrix products large enough to
 run near the CPU's peak (a 50-token context alone runs at about 2/3 of it).
 """
@@ -80,8 +81,9 @@ def run_contexts(forward: Forward, ctxs: Sequence[Sequence[int]]) -> list[Cached
 
 
 def stack_past(contexts: Sequence[CachedContext]) -> tuple[Past, torch.Tensor]:
-    """The contexts' KV caches as one batch, right-padded with zeros to the longest, and the
-    matching attention mask (1 on each context's own slots)."""
+    """The contexts' KV caches as one batch, left-padded with zeros to the longest, and the
+    matching attention mask (1 on each context's own slots). Left, so that every context ends
+    where the continuations begin: sliding-window masks count distance in cache slots."""
     lengths = torch.tensor([c.length for c in contexts])
     width = int(lengths.max())
     stacked: Past = []
@@ -91,10 +93,10 @@ def stack_past(contexts: Sequence[CachedContext]) -> tuple[Past, torch.Tensor]:
             ref = contexts[0].past[layer][part]
             out = ref.new_zeros(len(contexts), ref.shape[0], width, ref.shape[2])
             for b, c in enumerate(contexts):
-                out[b, :, : c.length] = c.past[layer][part]
+                out[b, :, width - c.length :] = c.past[layer][part]
             pair.append(out)
         stacked.append((pair[0], pair[1]))
-    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    mask = (torch.arange(width)[None] >= width - lengths[:, None]).long()
     return stacked, mask
 
 

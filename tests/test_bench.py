@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lp_deploy.artifacts import MANIFEST_FILE
+from lp_deploy.benchmarks import bench
 from lp_deploy.benchmarks.bench import (
     BenchConfig,
     check_config,
@@ -309,9 +310,20 @@ def test_onnx_export_is_reused(onnx_report: tuple[BenchConfig, dict[str, Any]]) 
     assert not (Path(cfg.out) / "latency.png").exists()  # stale plot of the first run removed
 
 
-def test_qa_workers_score_like_one_process(onnx_report: tuple[BenchConfig, dict[str, Any]]) -> None:
+def test_qa_workers_score_like_one_process(
+    onnx_report: tuple[BenchConfig, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg, first = onnx_report
+    pools: list[int] = []
+
+    class Spy(bench.ScoringPool):
+        def __init__(self, kind: str, source: Any, workers: int, *args: Any) -> None:
+            pools.append(workers)
+            super().__init__(kind, source, workers, *args)
+
+    monkeypatch.setattr(bench, "ScoringPool", Spy)
     again = run_bench(replace(cfg, qa_workers=2, latency=False)).data
+    assert pools == [2, 2]  # one pool of 2 workers per model scored the QA
     for name in ("model", "patched"):
         want = first["runtimes"]["onnxruntime"]["models"][name]["tasks"]["copa"]
         got = again["runtimes"]["onnxruntime"]["models"][name]["tasks"]["copa"]

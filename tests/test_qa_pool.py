@@ -50,3 +50,12 @@ def test_two_workers_score_like_one_process(tiny_model_dir: Path, qa_dir: Path) 
 def test_a_pool_needs_a_worker(tiny_model_dir: Path) -> None:
     with pytest.raises(LpDeployError, match="--qa-workers must be >= 1"):
         ScoringPool("torch", tiny_model_dir, workers=0)
+
+
+def test_a_worker_that_cannot_load_is_a_clear_error(tmp_path: Path) -> None:
+    died = r"QA worker process .* died.*--qa-workers 1"
+    with (
+        ScoringPool("torch", tmp_path / "missing", workers=1) as pool,
+        pytest.raises(LpDeployError, match=died),
+    ):
+        pool([Request("a", " b")])

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_tiny_model, save_model_dir
 
 from lp_deploy.cli import main
 from lp_deploy.errors import LpDeployError, ModelSourceError
@@ -399,6 +400,38 @@ def test_batched_shared_scoring_across_items_equals_plain_scoring(runtime: Runti
     # batch 1 runs each continuation of 2+ tokens alone, batch 64 all of them in one pass
     longer = sum(len(runtime.encode_pair(c, x)[1]) > 1 for c, x in MANY_ITEMS)
     assert longer >= 5 and counts[1] == 1 + longer and counts[64] == 2
+
+
+def _window_pairs() -> list[tuple[list[int], list[int]]]:
+    """Contexts of 20 and 6 tokens (the tiny models' window is 8) batched: their caches pad."""
+    ids = partial(torch.randint, 4, 120, generator=torch.Generator().manual_seed(0))
+    long, short = ids((20,)).tolist(), ids((6,)).tolist()
+    return [(ctx, ids((n,)).tolist()) for ctx, n in ((long, 3), (long, 4), (short, 5), (short, 6))]
+
+
+def _assert_shared_equals_plain(rt: Runtime, pairs: list[tuple[list[int], list[int]]]) -> None:
+    plain = rt.loglikelihood_tokens(pairs, 1)
+    for bs in (1, 4):
+        shared = rt.loglikelihood_shared(pairs, bs)
+        for (lp, greedy), (want_lp, want_greedy) in zip(shared, plain, strict=True):
+            assert lp == pytest.approx(want_lp, abs=SHARED_TOL)
+            assert greedy == want_greedy
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
+def test_batched_shared_scoring_under_sliding_windows_equals_plain(
+    arch: str, tokenizer: Any
+) -> None:
+    """Contexts longer and shorter than the window, their continuations in one batch (the
+    window counts cache slots: padding between a context and its continuation would shift it)."""
+    model = make_tiny_model(arch)
+    _assert_shared_equals_plain(TorchRuntime(model, tokenizer), _window_pairs())
+
+
+def test_batched_shared_scoring_under_sliding_windows_onnx(tmp_path: Path, tokenizer: Any) -> None:
+    src = save_model_dir(make_tiny_model("mistral"), tokenizer, tmp_path / "mistral")
+    out = export_onnx(OnnxExportConfig(model=str(src), out=tmp_path / "onnx", decode_steps=2)).out
+    _assert_shared_equals_plain(create_runtime("onnxruntime", out, threads=1), _window_pairs())
 
 
 def test_pack_runs_bounds_requests_and_padded_context_tokens() -> None:
