@@ -5,7 +5,8 @@ Runtime processes of one thread: 2.0x the requests per second of one; one proces
 threads: 1.7x), so ``lp-deploy bench --qa-workers N`` spreads the chunks of every task over N
 processes. A chunk's log-likelihoods do not depend on which worker scored it (every worker runs
 the same runtime with the same threads); they equal those of one process within float
-rounding (1e-6 measured, ``tests/test_qa_pool.py``).
+rounding (1e-6 measured, ``tests/test_qa_pool.py``). Workers are spawned, so a script that
+makes a pool needs the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
