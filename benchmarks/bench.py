@@ -47,6 +47,7 @@ from lp_deploy.benchmarks.qa import (
     retained_performance,
 )
 from lp_deploy.benchmarks.qa_pool import ScoringPool
+from lp_deploy.benchmarks.sweep import STDERR
 from lp_deploy.data import data_file
 from lp_deploy.errors import LpDeployError
 from lp_deploy.perplexity import LogitsFn, PerplexitySpec, perplexity_of
@@ -760,7 +761,8 @@ def qa_evaluator(
     batch_size: int = 8,
     progress: bool = True,
 ) -> Callable[[Any, Any], dict[str, float]]:
-    """A ``run_sweep`` evaluator: QA accuracy of an in-memory model via a ``TorchRuntime``."""
+    """A ``run_sweep`` evaluator: QA accuracy of an in-memory model via a ``TorchRuntime``
+    (each task's and the average's, each with its standard error under ``..._stderr``)."""
     from lp_deploy.runtimes.torch_runtime import TorchRuntime
 
     names = parse_tasks(tasks)
@@ -770,10 +772,15 @@ def qa_evaluator(
         rt = TorchRuntime(model, tokenizer, device=device)
         ll = loglikelihood_fn(rt, batch_size)
         results = evaluate_tasks(names, ll, data_dir, limit, progress)
-        metrics = {f"acc_{t}": r.acc for t, r in results.items()}
-        accs = [r.acc for r in results.values() if not math.isnan(r.acc)]
-        if len(results) > 1 and accs:
-            metrics["acc_avg"] = sum(accs) / len(accs)
+        metrics: dict[str, float] = {}
+        for t, r in results.items():
+            metrics.update({f"acc_{t}": r.acc, f"acc_{t}{STDERR}": r.acc_stderr})
+        done = [r for r in results.values() if not math.isnan(r.acc)]
+        if len(results) > 1 and done:
+            metrics["acc_avg"] = sum(r.acc for r in done) / len(done)
+            # the tasks' questions are independent: the mean's variance is the mean of theirs / k
+            variance = sum(r.acc_stderr**2 for r in done) / len(done) ** 2
+            metrics[f"acc_avg{STDERR}"] = math.sqrt(variance)
         return metrics
 
     return evaluate

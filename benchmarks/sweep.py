@@ -1,4 +1,10 @@
-"""Sweep: fit a patch for each number of pruned layers and chart quality against depth."""
+"""Sweep: fit a patch for each number of pruned layers and chart quality against depth.
+
+``sweep.png`` draws every metric against the number of pruned layers (accuracies with their
+standard errors as error bars), one curve per selection method and patch kind; with
+``latency``, ``front.png`` draws the quality/speed front: perplexity and average accuracy
+against the measured decode speed-up over the dense model.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from lp_deploy.artifacts import Kind, check_out, clean_json, output_dir
 from lp_deploy.benchmarks.flops import profile_model
 from lp_deploy.benchmarks.latency import measure_interleaved, ratios
 from lp_deploy.calibration import HOLDOUT_WINDOWS, CalibrationSpec
-from lp_deploy.errors import LpDeployError
+from lp_deploy.errors import LpDeployError, PruningPlanError
 from lp_deploy.fit import PATCH_KINDS
 from lp_deploy.fold import fold_model
 from lp_deploy.loading import load_model
@@ -36,7 +42,7 @@ class SweepConfig:
 
     model: str = DEFAULT_MODEL
     prune: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8)
-    select: str = "cosine"
+    select: str | Sequence[str] = "cosine"  # one method or several: every point for each
     patches: Sequence[str] = ("none", "rotate")  # any patch kind, "KIND+fold" also folds it
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     perplexity: PerplexitySpec | None = field(default_factory=PerplexitySpec)
@@ -57,6 +63,7 @@ class SweepPoint:
 
     prune: int
     patch: str
+    select: str
     removed: list[int]
     similarity: float | None
     layers: int
@@ -66,6 +73,29 @@ class SweepPoint:
 
 
 FOLD_SUFFIX = "+fold"
+#: a metric ``M`` whose standard error is known has it under ``M + STDERR``
+STDERR = "_stderr"
+
+
+def methods(cfg: SweepConfig) -> list[str]:
+    """The selection methods of ``cfg.select`` (one name, a comma list or a sequence)."""
+    names = cfg.select.split(",") if isinstance(cfg.select, str) else list(cfg.select)
+    out = [n.strip() for n in names if n.strip()]
+    bad = [n for n in out if n not in SELECTION_METHODS]
+    if bad or not out:
+        raise PruningPlanError(
+            f"sweep --select takes a comma list of {', '.join(SELECTION_METHODS)}, got "
+            f"{cfg.select!r}"
+        )
+    return list(dict.fromkeys(out))
+
+
+def check_methods(cfg: SweepConfig) -> list[str]:
+    """:func:`methods`, and ``--candidates`` only where a method scores blocks."""
+    names = methods(cfg)
+    scoring = [m for m in names if SELECTION_METHODS[m].scores_blocks]
+    check_candidates(cfg.candidates, scoring[0] if scoring else names[0])
+    return names
 
 
 def sweep_kinds() -> list[str]:
@@ -109,7 +139,8 @@ def _evaluate(
 
 
 def _generation_fn(model: Any, prompt: torch.Tensor, steps: int) -> Callable[[], None]:
-    """Prefill ``prompt`` then ``steps`` greedy single-token steps with the KV cache."""
+    """Prefill ``prompt`` then ``steps`` greedy single-token steps with the KV cache (0: the
+    prefill alone)."""
 
     @torch.no_grad()
     def run() -> None:
@@ -122,19 +153,24 @@ def _generation_fn(model: Any, prompt: torch.Tensor, steps: int) -> Callable[[],
 
 
 def latency_metrics(dense: Any, model: Any, cfg: SweepConfig) -> dict[str, float]:
-    """Generation-time ratio vs dense (measured interleaved) and the FLOP-ideal ratio."""
+    """Against dense, measured interleaved: the generation-time ratio (prompt + decode) and
+    the decode speed-up (dense decode time / the model's: each the median of prompt + decode
+    less the median of the prompt alone); and the FLOP-ideal ratio."""
     vocab = int(dense.config.vocab_size)
     prompt = torch.randint(
         0, vocab, (1, cfg.latency_prompt), generator=torch.Generator().manual_seed(0)
     )
     cases = {
-        "dense": _generation_fn(dense, prompt, cfg.latency_tokens),
-        "model": _generation_fn(model, prompt, cfg.latency_tokens),
+        f"{name}{suffix}": _generation_fn(m, prompt, steps)
+        for name, m in (("dense", dense), ("model", model))
+        for suffix, steps in (("", cfg.latency_tokens), (":prefill", 0))
     }
     timings = measure_interleaved(cases, repeats=cfg.latency_repeats, warmup=1)
+    decode = {n: timings[n].median - timings[f"{n}:prefill"].median for n in ("dense", "model")}
     flops = [profile_model(m).prefill(cfg.latency_prompt) for m in (dense, model)]
     return {
         "gen_time_ratio": ratios(timings, "dense")["model"],
+        "decode_speedup": decode["dense"] / decode["model"],
         "flop_ratio": flops[1] / flops[0],
     }
 
@@ -159,42 +195,56 @@ class SweepResult:
         return list(self.data["points"])
 
 
+Key = tuple[str, int, str]  # selection method, layers pruned, patch kind
+
+
 def _point(
     cal: Calibrated,
+    key: Key,
     plan: PruningPlan,
-    kind: str,
     measure: Callable[[nn.Module, str], dict[str, float]],
 ) -> SweepPoint:
+    method, n, kind = key
     started = time.perf_counter()
     pruned = _pruned(cal, plan, kind)
-    metrics = measure(pruned.model, f"n={len(plan.removed)} {kind}")
+    metrics = measure(pruned.model, f"n={n} {method} {kind}")
     seconds = round(time.perf_counter() - started, 1)
     similarity = plan.scores.get("similarity")
-    n = len(plan.removed)
     return SweepPoint(
-        n, kind, plan.removed, similarity, len(plan.kept), metrics, seconds, dict(plan.scores)
+        n,
+        kind,
+        method,
+        plan.removed,
+        similarity,
+        len(plan.kept),
+        metrics,
+        seconds,
+        dict(plan.scores),
     )
 
 
-def _plans(cal: Calibrated, cfg: SweepConfig) -> dict[tuple[int, str], PruningPlan]:
-    """The plan of every (n, patch kind): one per n, or, for a method that scores patched
-    blocks (``ppl``), one per n and fitted kind (a kind and its ``+fold`` share it)."""
-    scored = cfg.select in SELECTION_METHODS and SELECTION_METHODS[cfg.select].scores_blocks
-    cache: dict[tuple[int, str | None], PruningPlan] = {}
+def _plans(cal: Calibrated, cfg: SweepConfig) -> dict[Key, PruningPlan]:
+    """The plan of every (method, n, patch kind): one per method and n, or, for a method that
+    scores patched blocks (``ppl``), one per n and fitted kind (a kind and its ``+fold``
+    share it)."""
+    cache: dict[tuple[str, int, str | None], PruningPlan] = {}
     plans = {}
-    for n in cfg.prune:
-        for kind in cfg.patches:
-            base = kind.removesuffix(FOLD_SUFFIX) if scored else None
-            if (n, base) not in cache:
-                cache[(n, base)] = cal.plan(n, cfg.select, base, cfg.candidates)
-            plans[(n, kind)] = cache[(n, base)]
+    for method in methods(cfg):
+        scored = SELECTION_METHODS[method].scores_blocks
+        candidates = cfg.candidates if scored else None
+        for n in cfg.prune:
+            for kind in cfg.patches:
+                base = kind.removesuffix(FOLD_SUFFIX) if scored else None
+                if (method, n, base) not in cache:
+                    cache[(method, n, base)] = cal.plan(n, method, base, candidates)
+                plans[(method, n, kind)] = cache[(method, n, base)]
     return plans
 
 
 def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
     """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
     check_kinds(cfg.patches)
-    check_candidates(cfg.candidates, cfg.select)
+    check_methods(cfg)
     check_holdout(cfg.holdout)
     if cfg.out is not None:
         check_out(cfg.out, Kind.SWEEP, cfg.overwrite)
@@ -213,13 +263,13 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
     t0 = time.perf_counter()
     baseline = _evaluate(dense.model, ppl_windows, extra, dense.tokenizer, cfg.progress, "dense")
     if cfg.latency:
-        baseline.update(gen_time_ratio=1.0, flop_ratio=1.0)
+        baseline.update(gen_time_ratio=1.0, decode_speedup=1.0, flop_ratio=1.0)
     baseline_seconds = round(time.perf_counter() - t0, 1)
     plans = _plans(cal, cfg)
     for kind in cfg.patches:  # least-squares sums of every point in one pass
-        of_kind = [plan for (_, k), plan in plans.items() if k == kind]
+        of_kind = [plan for (_, _, k), plan in plans.items() if k == kind]
         cal.prepare(of_kind, kind.removesuffix(FOLD_SUFFIX))
-    points = [_point(cal, plans[(n, kind)], kind, measure) for (n, kind) in plans]
+    points = [_point(cal, key, plan, measure) for key, plan in plans.items()]
     data = {
         "config": clean_json(asdict(cfg)),
         "num_layers": cal.num_layers,
@@ -233,34 +283,73 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
 
 
 def write_sweep(result: dict[str, Any], out: Path, overwrite: bool = False) -> None:
-    """``sweep.json`` and ``sweep.png`` (one panel per metric) in ``out``."""
+    """``sweep.json``, ``sweep.png`` (one panel per metric) and, where the points carry a
+    decode speed-up, ``front.png`` in ``out``."""
     with output_dir(out, Kind.SWEEP, overwrite) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_sweep(result, tmp / "sweep.png")
+        plot_front(result, tmp / "front.png")
 
 
-def plot_sweep(result: dict[str, Any], path: Path) -> None:
-    """Metric against the number of pruned layers, one line per patch kind."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The points of each (selection method, patch kind), labelled ``kind`` when the sweep
+    has one method and ``method / kind`` otherwise; in order of ``n``."""
+    points = result["points"]
+    several = len({p.get("select") for p in points}) > 1
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for p in sorted(points, key=lambda p: p["prune"]):
+        label = f"{p.get('select')} / {p['patch']}" if several else p["patch"]
+        curves.setdefault(label, []).append(p)
+    return curves
+
+
+def _series(pts: list[dict[str, Any]], metric: str) -> tuple[list[Any], list[Any]]:
+    """Values of ``metric`` and their standard errors (0 where unknown)."""
+    have = [p for p in pts if metric in p["metrics"]]
+    return (
+        [p["metrics"][metric] for p in have],
+        [p["metrics"].get(metric + STDERR, 0.0) for p in have],
+    )
+
+
+def _panels(axes: Any, n: int, fig: Any, title: str, path: Path, plt: Any) -> None:
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes.flat[:n]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Metric against the number of pruned layers, one line per (method,) patch kind, error
+    bars where the standard error is known."""
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    metrics = sorted({m for p in result["points"] for m in p["metrics"]})
+    metrics = sorted({m for p in result["points"] for m in p["metrics"] if not m.endswith(STDERR)})
     if not metrics:
         return
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
-    for ax in axes.flat[len(metrics) :]:
-        ax.set_visible(False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
-        for kind in dict.fromkeys(p["patch"] for p in result["points"]):
-            pts = [p for p in result["points"] if p["patch"] == kind and metric in p["metrics"]]
-            ax.plot(
-                [p["prune"] for p in pts], [p["metrics"][metric] for p in pts], "o-", label=kind
-            )
+        for label, pts in _curves(result).items():
+            ys, errs = _series(pts, metric)
+            xs = [p["prune"] for p in pts if metric in p["metrics"]]
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", capsize=3, label=label)
         base = result["baseline"]["metrics"].get(metric)
         if base is not None:
             ax.axhline(base, color="grey", linestyle="--", label="dense")
@@ -269,9 +358,48 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(metric)
         if metric == "ppl":
             ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"lp-deploy sweep: {result['config']['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _panels(axes, len(metrics), fig, f"lp-deploy sweep: {result['config']['model']}", path, plt)
+
+
+def front_metrics(result: dict[str, Any]) -> list[str]:
+    """The quality metrics ``front.png`` draws: perplexity and the average accuracy (the one
+    task's accuracy when there is one), where measured."""
+    have = {m for p in result["points"] for m in p["metrics"]}
+    accs = sorted(m for m in have if m.startswith("acc_") and not m.endswith(STDERR))
+    acc = ["acc_avg"] if "acc_avg" in have else accs[:1] if len(accs) == 1 else []
+    return [m for m in ("ppl",) if m in have] + acc
+
+
+def plot_front(result: dict[str, Any], path: Path) -> bool:
+    """Quality against the measured decode speed-up, one curve per (method,) patch kind from
+    the fewest pruned layers to the most, the dense model at 1.0x; False without latency."""
+    if not any("decode_speedup" in p["metrics"] for p in result["points"]):
+        return False
+    metrics = front_metrics(result)
+    if not metrics:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=True):
+        for label, pts in _curves(result).items():
+            pts = [p for p in pts if metric in p["metrics"] and "decode_speedup" in p["metrics"]]
+            xs = [p["metrics"]["decode_speedup"] for p in pts]
+            ys, errs = _series(pts, metric)
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", capsize=3, label=label)
+            for x, y, p in zip(xs, ys, pts, strict=True):
+                ax.annotate(
+                    str(p["prune"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+        base = result["baseline"]["metrics"]
+        if metric in base:
+            err = base.get(metric + STDERR)
+            ax.errorbar(
+                [1.0], [base[metric]], yerr=[err] if err else None, fmt="k*", ms=10, label="dense"
+            )
+        ax.set_xlabel("decode speed-up vs dense (measured)")
+        ax.set_ylabel(metric)
+        if metric == "ppl":
+            ax.set_yscale("log")
+    title = f"quality/speed front: {result['config']['model']} (labels: layers pruned)"
+    _panels(axes, len(metrics), fig, title, path, plt)
+    return True

@@ -694,7 +694,8 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument(
         "--select",
         default="cosine",
-        help=f"{', '.join(SELECTION_METHODS)} (ppl scores blocks with each --patches kind)",
+        help=f"comma list of {', '.join(SELECTION_METHODS)}: every point for each (ppl scores "
+        "blocks with each --patches kind)",
     )
     _add_calibration(p)
     _add_ppl_selection(p)
@@ -705,9 +706,10 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument(
         "--latency",
         action="store_true",
-        help="also time prompt + greedy decode of each point against dense (interleaved)",
+        help="also time prompt + greedy decode of each point against dense (interleaved); "
+        "draws the quality/speed front (front.png)",
     )
-    _add_out(p, "writes sweep.json and sweep.png")
+    _add_out(p, "writes sweep.json, sweep.png (and front.png with --latency)")
     p.set_defaults(handler=_run_sweep)
 
 
@@ -738,21 +740,23 @@ def _run_sweep(args: argparse.Namespace) -> int:
     extra = qa_evaluator(tasks, args.data_dir, args.limit, progress=not args.quiet)
     result = run_sweep(cfg, extra if tasks else None)
     _print_sweep(result.data)
-    print(f"wrote {args.out}/sweep.json and sweep.png in {result.data['seconds']} s")
+    print(f"wrote {args.out} (sweep.json, plots) in {result.data['seconds']} s")
     return 0
 
 
 def _print_sweep(result: dict[str, Any]) -> None:
-    metrics = sorted({m for p in result["points"] for m in p["metrics"]})
-    cols = [(m, max(10, len(m))) for m in metrics]
+    from lp_deploy.benchmarks.sweep import STDERR
+
+    names = {m for p in result["points"] for m in p["metrics"] if not m.endswith(STDERR)}
+    cols = [(m, max(10, len(m))) for m in sorted(names)]
 
     def row(head: list[str], values: dict[str, float]) -> str:
         return "  ".join([*head, *[f"{values.get(m, float('nan')):{w}.4f}" for m, w in cols]])
 
-    print("\n" + "  ".join(["pruned", "patch   ", *[f"{m:>{w}}" for m, w in cols]]))
-    print(row(["     0", "dense   "], result["baseline"]["metrics"]))
+    print("\n" + "  ".join(["pruned", "select", "patch   ", *[f"{m:>{w}}" for m, w in cols]]))
+    print(row(["     0", "      ", "dense   "], result["baseline"]["metrics"]))
     for p in result["points"]:
-        print(row([f"{p['prune']:6d}", f"{p['patch']:<8}"], p["metrics"]))
+        print(row([f"{p['prune']:6d}", f"{p['select']:<6}", f"{p['patch']:<8}"], p["metrics"]))
 
 
 def _add_triton(sub: Any) -> None:

@@ -390,23 +390,30 @@ def test_cli_sweep(
     argv += ["--tasks", "copa", "--limit", "3", "--data-dir", str(qa_dir), "--out", str(out)]
     assert main(argv) == 0
     data = strict_json(out / "sweep.json")
-    assert [(p["prune"], p["patch"]) for p in data["points"]] == [
-        (1, "none"),
-        (1, "rotate"),
-        (2, "none"),
-        (2, "rotate"),
+    assert [(p["select"], p["prune"], p["patch"]) for p in data["points"]] == [
+        ("cosine", 1, "none"),
+        ("cosine", 1, "rotate"),
+        ("cosine", 2, "none"),
+        ("cosine", 2, "rotate"),
     ]
-    assert all(set(p["metrics"]) == {"ppl", "acc_copa"} for p in data["points"])
-    assert set(data["baseline"]["metrics"]) == {"ppl", "acc_copa"}
+    metrics = {"ppl", "acc_copa", "acc_copa_stderr"}
+    assert all(set(p["metrics"]) == metrics for p in data["points"])
+    assert set(data["baseline"]["metrics"]) == metrics
     assert data["seconds"] > 0 and (out / "sweep.png").is_file()
+    assert not (out / "front.png").exists()  # no speed measured, no front
     stdout = capsys.readouterr().out
     assert "acc_copa" in stdout and f"in {data['seconds']} s" in stdout
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--patches", "none,bogus"], "--patches"), (["--tasks", "nope"], "unknown QA task")],
-    ids=["bad-patch", "unknown-task"],
+    [
+        (["--patches", "none,bogus"], "--patches"),
+        (["--tasks", "nope"], "unknown QA task"),
+        (["--select", "cosine,nope"], "sweep --select takes a comma list of cosine"),
+        (["--select", "cosine,bi", "--candidates", "3"], "--candidates applies to --select ppl"),
+    ],
+    ids=["bad-patch", "unknown-task", "bad-select", "candidates-without-ppl"],
 )
 def test_cli_sweep_bad_input(
     tmp_path: Path,
@@ -420,23 +427,38 @@ def test_cli_sweep_bad_input(
     assert message in capsys.readouterr().err
 
 
-def test_cli_sweep_latency_and_folded_points(
-    tmp_path: Path, tiny_model_dir: Path, text_file: Path
+def test_cli_sweep_latency_methods_and_folded_points(
+    tmp_path: Path, tiny_model_dir: Path, text_file: Path, qa_dir: Path
 ) -> None:
     out = tmp_path / "sweep"
     argv = ["-q", "sweep", str(tiny_model_dir), "--prune", "2", "--patches", "rotate,rotate+fold"]
-    argv += ["--calib", str(text_file), "--samples", "4", "--seqlen", "32", "--latency"]
-    argv += ["--ppl", str(text_file), "--ppl-seqlen", "32", "--ppl-limit", "2", "--out", str(out)]
+    argv += ["--select", "cosine,bi", "--tasks", "copa,wsc273", "--limit", "4"]
+    argv += ["--data-dir", str(qa_dir), "--calib", str(text_file), "--samples", "4"]
+    argv += ["--seqlen", "32", "--latency", "--ppl", str(text_file), "--ppl-seqlen", "32"]
+    argv += ["--ppl-limit", "2", "--out", str(out)]
     assert main(argv) == 0
     data = strict_json(out / "sweep.json")
     base = data["baseline"]["metrics"]
-    assert base["gen_time_ratio"] == 1.0 and base["flop_ratio"] == 1.0
-    rotate, folded = data["points"]
-    for point in (rotate, folded):
-        assert point["metrics"]["gen_time_ratio"] > 0
-        assert 0 < point["metrics"]["flop_ratio"] < 1  # 6 of 8 layers remain
+    assert base["gen_time_ratio"] == base["decode_speedup"] == base["flop_ratio"] == 1.0
+    assert [(p["select"], p["patch"]) for p in data["points"]] == [
+        ("cosine", "rotate"),
+        ("cosine", "rotate+fold"),
+        ("bi", "rotate"),
+        ("bi", "rotate+fold"),
+    ]
+    for point in data["points"]:
+        m = point["metrics"]
+        assert m["gen_time_ratio"] > 0 and m["decode_speedup"] > 0
+        assert 0 < m["flop_ratio"] < 1  # 6 of 8 layers remain
+        # two tasks of independent questions: the mean's standard error from the tasks'
+        tasks = ("copa", "wsc273")
+        assert m["acc_avg"] == pytest.approx(sum(m[f"acc_{t}"] for t in tasks) / 2)
+        want = math.sqrt(sum(m[f"acc_{t}_stderr"] ** 2 for t in tasks)) / 2
+        assert m["acc_avg_stderr"] == pytest.approx(want) and want > 0
+    rotate, folded = data["points"][:2]
     # folding is exact, so it must not move perplexity
     assert folded["metrics"]["ppl"] == pytest.approx(rotate["metrics"]["ppl"], rel=1e-4)
+    assert (out / "front.png").is_file() and (out / "sweep.png").is_file()
 
 
 def test_qa_speed_side_by_side(
