@@ -245,6 +245,8 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
     """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
     check_kinds(cfg.patches)
     check_methods(cfg)
+    if cfg.latency_repeats < 1:
+        raise LpDeployError(f"--latency-repeats must be >= 1, got {cfg.latency_repeats}")
     check_holdout(cfg.holdout)
     if cfg.out is not None:
         check_out(cfg.out, Kind.SWEEP, cfg.overwrite)

@@ -709,6 +709,12 @@ def _add_sweep(sub: Any) -> None:
         help="also time prompt + greedy decode of each point against dense (interleaved); "
         "draws the quality/speed front (front.png)",
     )
+    p.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=3,
+        help="--latency: interleaved rounds per point (more: a steadier speed-up)",
+    )
     _add_out(p, "writes sweep.json, sweep.png (and front.png with --latency)")
     p.set_defaults(handler=_run_sweep)
 
@@ -734,6 +740,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         latency=args.latency,
+        latency_repeats=args.latency_repeats,
         candidates=args.candidates,
         holdout=args.holdout,
     )

@@ -412,8 +412,9 @@ def test_cli_sweep(
         (["--tasks", "nope"], "unknown QA task"),
         (["--select", "cosine,nope"], "sweep --select takes a comma list of cosine"),
         (["--select", "cosine,bi", "--candidates", "3"], "--candidates applies to --select ppl"),
+        (["--latency", "--latency-repeats", "0"], "--latency-repeats must be >= 1"),
     ],
-    ids=["bad-patch", "unknown-task", "bad-select", "candidates-without-ppl"],
+    ids=["bad-patch", "unknown-task", "bad-select", "candidates-without-ppl", "no-repeats"],
 )
 def test_cli_sweep_bad_input(
     tmp_path: Path,
