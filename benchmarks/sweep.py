@@ -9,6 +9,7 @@ against the measured decode speed-up over the dense model.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -167,10 +168,12 @@ def latency_metrics(dense: Any, model: Any, cfg: SweepConfig) -> dict[str, float
     }
     timings = measure_interleaved(cases, repeats=cfg.latency_repeats, warmup=1)
     decode = {n: timings[n].median - timings[f"{n}:prefill"].median for n in ("dense", "model")}
+    # nan where noise left no decode time to compare (a decode shorter than the prompt's noise)
+    speedup = decode["dense"] / decode["model"] if min(decode.values()) > 0 else math.nan
     flops = [profile_model(m).prefill(cfg.latency_prompt) for m in (dense, model)]
     return {
         "gen_time_ratio": ratios(timings, "dense")["model"],
-        "decode_speedup": decode["dense"] / decode["model"],
+        "decode_speedup": speedup,
         "flop_ratio": flops[1] / flops[0],
     }
 
@@ -242,11 +245,14 @@ def _plans(cal: Calibrated, cfg: SweepConfig) -> dict[Key, PruningPlan]:
 
 
 def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
-    """Calibrate once, then evaluate dense and every (n, patch) point; writes sweep.json/png."""
+    """Calibrate once, then evaluate dense and every (method, n, patch) point; writes
+    sweep.json and the plots."""
     check_kinds(cfg.patches)
     check_methods(cfg)
     if cfg.latency_repeats < 1:
         raise LpDeployError(f"--latency-repeats must be >= 1, got {cfg.latency_repeats}")
+    if cfg.latency and cfg.latency_tokens < 1:
+        raise LpDeployError(f"latency_tokens must be >= 1, got {cfg.latency_tokens}")
     check_holdout(cfg.holdout)
     if cfg.out is not None:
         check_out(cfg.out, Kind.SWEEP, cfg.overwrite)
@@ -272,13 +278,15 @@ def run_sweep(cfg: SweepConfig, extra: Evaluator | None = None) -> SweepResult:
         of_kind = [plan for (_, _, k), plan in plans.items() if k == kind]
         cal.prepare(of_kind, kind.removesuffix(FOLD_SUFFIX))
     points = [_point(cal, key, plan, measure) for key, plan in plans.items()]
-    data = {
-        "config": clean_json(asdict(cfg)),
-        "num_layers": cal.num_layers,
-        "baseline": {"metrics": baseline, "seconds": baseline_seconds},
-        "points": [asdict(p) for p in points],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    data = clean_json(  # strict JSON: a standard error of one question is nan -> null
+        {
+            "config": asdict(cfg),
+            "num_layers": cal.num_layers,
+            "baseline": {"metrics": baseline, "seconds": baseline_seconds},
+            "points": [asdict(p) for p in points],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
     if cfg.out is not None:
         write_sweep(data, Path(cfg.out), cfg.overwrite)
     return SweepResult(data, cfg.out)
@@ -318,9 +326,17 @@ def _series(pts: list[dict[str, Any]], metric: str) -> tuple[list[Any], list[Any
     """Values of ``metric`` and their standard errors (0 where unknown)."""
     have = [p for p in pts if metric in p["metrics"]]
     return (
-        [p["metrics"][metric] for p in have],
-        [p["metrics"].get(metric + STDERR, 0.0) for p in have],
+        [_or_nan(p["metrics"][metric]) for p in have],
+        [_finite_or_0(p["metrics"].get(metric + STDERR)) for p in have],
     )
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _finite_or_0(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
 
 
 def _panels(axes: Any, n: int, fig: Any, title: str, path: Path, plt: Any) -> None:
@@ -385,7 +401,7 @@ def plot_front(result: dict[str, Any], path: Path) -> bool:
     for ax, metric in zip(axes.flat, metrics, strict=True):
         for label, pts in _curves(result).items():
             pts = [p for p in pts if metric in p["metrics"] and "decode_speedup" in p["metrics"]]
-            xs = [p["metrics"]["decode_speedup"] for p in pts]
+            xs = [_or_nan(p["metrics"]["decode_speedup"]) for p in pts]
             ys, errs = _series(pts, metric)
             ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", capsize=3, label=label)
             for x, y, p in zip(xs, ys, pts, strict=True):

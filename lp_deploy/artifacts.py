@@ -75,7 +75,7 @@ _KNOWN_FILES: dict[Kind, tuple[str, ...]] = {
     Kind.CHECKPOINT: (*_HF_FILES, "summary.json", "fold_report.json", "distill.json"),
     Kind.ONNX: (*_HF_FILES, ONNX_FILE, ONNX_DATA_FILE, EXPORT_REPORT_FILE),
     Kind.REPORT: ("report.json", "report.md", "*.png", "artifacts/*"),
-    Kind.SWEEP: ("sweep.json", "sweep.png"),
+    Kind.SWEEP: ("sweep.json", "sweep.png", "front.png"),
 }
 
 

@@ -707,7 +707,7 @@ def _add_sweep(sub: Any) -> None:
         "--latency",
         action="store_true",
         help="also time prompt + greedy decode of each point against dense (interleaved); "
-        "draws the quality/speed front (front.png)",
+        "with --ppl or --tasks, draws the quality/speed front (front.png)",
     )
     p.add_argument(
         "--latency-repeats",
@@ -757,8 +757,10 @@ def _print_sweep(result: dict[str, Any]) -> None:
     names = {m for p in result["points"] for m in p["metrics"] if not m.endswith(STDERR)}
     cols = [(m, max(10, len(m))) for m in sorted(names)]
 
-    def row(head: list[str], values: dict[str, float]) -> str:
-        return "  ".join([*head, *[f"{values.get(m, float('nan')):{w}.4f}" for m, w in cols]])
+    def row(head: list[str], values: dict[str, float | None]) -> str:
+        cells = [values.get(m) for m, _ in cols]
+        nums = [float("nan") if v is None else v for v in cells]
+        return "  ".join([*head, *[f"{v:{w}.4f}" for v, (_, w) in zip(nums, cols, strict=True)]])
 
     print("\n" + "  ".join(["pruned", "select", "patch   ", *[f"{m:>{w}}" for m, w in cols]]))
     print(row(["     0", "      ", "dense   "], result["baseline"]["metrics"]))
