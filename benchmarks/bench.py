@@ -763,6 +763,7 @@ def qa_evaluator(
 ) -> Callable[[Any, Any], dict[str, float]]:
     """A ``run_sweep`` evaluator: QA accuracy of an in-memory model via a ``TorchRuntime``
     (each task's and the average's, each with its standard error under ``..._stderr``)."""
+    from lp_deploy.benchmarks.report import average_accuracy
     from lp_deploy.runtimes.torch_runtime import TorchRuntime
 
     names = parse_tasks(tasks)
@@ -775,12 +776,10 @@ def qa_evaluator(
         metrics: dict[str, float] = {}
         for t, r in results.items():
             metrics.update({f"acc_{t}": r.acc, f"acc_{t}{STDERR}": r.acc_stderr})
-        done = [r for r in results.values() if not math.isnan(r.acc)]
+        done = {t: asdict(r) for t, r in results.items() if not math.isnan(r.acc)}
         if len(results) > 1 and done:
-            metrics["acc_avg"] = sum(r.acc for r in done) / len(done)
-            # the tasks' questions are independent: the mean's variance is the mean of theirs / k
-            variance = sum(r.acc_stderr**2 for r in done) / len(done) ** 2
-            metrics[f"acc_avg{STDERR}"] = math.sqrt(variance)
+            mean, se = average_accuracy(done)
+            metrics.update({"acc_avg": mean, f"acc_avg{STDERR}": math.nan if se is None else se})
         return metrics
 
     return evaluate

@@ -322,10 +322,14 @@ def _curves(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return curves
 
 
-def _series(pts: list[dict[str, Any]], metric: str) -> tuple[list[Any], list[Any]]:
-    """Values of ``metric`` and their standard errors (0 where unknown)."""
+def _series(
+    pts: list[dict[str, Any]], metric: str, x: Callable[[dict[str, Any]], float | None]
+) -> tuple[list[float], list[float], list[float]]:
+    """``x`` of the points that have ``metric``, its values and their standard errors (0 where
+    unknown)."""
     have = [p for p in pts if metric in p["metrics"]]
     return (
+        [_or_nan(x(p)) for p in have],
         [_or_nan(p["metrics"][metric]) for p in have],
         [_finite_or_0(p["metrics"].get(metric + STDERR)) for p in have],
     )
@@ -365,8 +369,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for label, pts in _curves(result).items():
-            ys, errs = _series(pts, metric)
-            xs = [p["prune"] for p in pts if metric in p["metrics"]]
+            xs, ys, errs = _series(pts, metric, lambda p: p["prune"])
             ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", capsize=3, label=label)
         base = result["baseline"]["metrics"].get(metric)
         if base is not None:
@@ -400,11 +403,11 @@ def plot_front(result: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=True):
         for label, pts in _curves(result).items():
-            pts = [p for p in pts if metric in p["metrics"] and "decode_speedup" in p["metrics"]]
-            xs = [_or_nan(p["metrics"]["decode_speedup"]) for p in pts]
-            ys, errs = _series(pts, metric)
+            timed = [p for p in pts if "decode_speedup" in p["metrics"]]
+            xs, ys, errs = _series(timed, metric, lambda p: p["metrics"]["decode_speedup"])
             ax.errorbar(xs, ys, yerr=errs if any(errs) else None, fmt="o-", capsize=3, label=label)
-            for x, y, p in zip(xs, ys, pts, strict=True):
+            drawn = [p for p in timed if metric in p["metrics"]]
+            for x, y, p in zip(xs, ys, drawn, strict=True):
                 ax.annotate(
                     str(p["prune"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
                 )
